@@ -1,0 +1,1 @@
+"""The deploybus daemons; each knows the core and never another daemon."""

@@ -1,0 +1,1 @@
+"""Keeps this host's local git mirrors current (see :mod:`.service`)."""

@@ -1,0 +1,56 @@
+"""The repo fetcher: one bare mirror per project this host serves.
+
+On start it clones or fetches every mirror; after that it fetches the
+project named by each ``git.push`` on ``git.commits``. Pushes for projects
+this host does not serve are acked and ignored. A fetch that fails is logged
+and counted; the next push or restart fetches again, and the agent fetches
+on its own when a deploy asks for a ref the mirror lacks.
+
+The ``package.update`` / apt-get part of this daemon comes with the CI issue.
+"""
+
+from __future__ import annotations
+
+from deploybus import gitutil, topics
+from deploybus.bus import Delivery
+from deploybus.dispatch import Dispatcher
+from deploybus.envelope import Envelope
+from deploybus.errors import DeployBusError
+from deploybus.runner import STOP_GRACE, Context, Service
+
+
+class RepoFetcher(Service):
+    name = "repo_fetcher"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.state_dir = ctx.config.host(ctx.host).state_dir
+        self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats)
+
+    def served(self) -> dict[str, str]:
+        return {p.name: p.git for p in self.ctx.config.projects_for_host(self.ctx.host)}
+
+    def fetch(self, project: str) -> None:
+        url = self.served()[project]
+        try:
+            path = gitutil.update_mirror(self.state_dir, project, url)
+        except DeployBusError as exc:
+            self.ctx.stats.incr("fetch_failed")
+            self.log.warning("fetch failed", project=project, error=str(exc))
+            return
+        self.ctx.stats.incr("fetched")
+        self.log.info("mirror updated", project=project, mirror=str(path))
+
+    def start(self) -> None:
+        for project in self.served():
+            self.fetch(project)
+        self.dispatcher.subscribe(topics.GIT_COMMITS, self.on_push,
+                                  queue=topics.fetcher_queue(self.ctx.host), types={"git.push"})
+
+    def stop(self, timeout: float = STOP_GRACE) -> None:
+        self.dispatcher.close()
+
+    def on_push(self, env: Envelope, _d: Delivery) -> None:
+        project = env.body.get("project")
+        if isinstance(project, str) and project in self.served():
+            self.fetch(project)

@@ -1,0 +1,212 @@
+"""AMQP 0-9-1 transport (kombu) for RabbitMQ.
+
+URL: ``amqp://user:pass@host:5672/vhost?prefix=&heartbeat=30`` (``amqps://``
+for TLS). Everything goes through the ``amq.topic`` exchange with the topic as
+routing key, which is where RabbitMQ's STOMP plugin publishes ``/topic/...``:
+STOMP and AMQP clients of one RabbitMQ see each other's messages.
+
+Publishing uses publisher confirms, so a publish that returns is on the
+broker. Each subscription owns a connection and a thread that drains it,
+reconnecting with capped backoff; the handler runs on that thread and must
+settle the message there.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import kombu
+import structlog
+
+from deploybus.bus.base import (
+    DEFAULT_PREFETCH,
+    Backoff,
+    Delivery,
+    Handler,
+    Subscription,
+    Transport,
+    check_topic,
+)
+from deploybus.errors import BusConnectionError
+
+log = structlog.get_logger("deploybus.bus.amqp")
+
+#: How long publish() keeps retrying while the broker is unreachable.
+PUBLISH_RETRIES = 40
+
+
+class _Sub(Subscription):
+    def __init__(self, t: AmqpTransport, topic: str, handler: Handler, queue: str | None,
+                 prefetch: int) -> None:
+        self.t, self.topic, self.handler, self.queue = t, topic, handler, queue
+        self.prefetch = max(1, prefetch)
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"amqp-sub-{queue or topic}")
+        self.thread.start()
+
+    def _kombu_queue(self) -> kombu.Queue:
+        p = self.t.prefix
+        if self.queue:
+            return kombu.Queue(p + self.queue, self.t.exchange, routing_key=p + self.topic,
+                               durable=True, auto_delete=False)
+        return kombu.Queue(f"{p}fanout-{uuid.uuid4().hex}", self.t.exchange,
+                           routing_key=p + self.topic, durable=False, exclusive=True,
+                           auto_delete=True)
+
+    def _run(self) -> None:
+        backoff = Backoff(stop=self.stop)
+        while not self.stop.is_set():
+            conn = self.t._connection(heartbeat=self.t.heartbeat)
+            try:
+                conn.ensure_connection(max_retries=1)
+                channel = conn.channel()
+                q = self._kombu_queue()(channel)
+                q.declare()
+                channel.basic_qos(0, self.prefetch, False)
+                consumer = kombu.Consumer(channel, queues=[q], on_message=self._on_message,
+                                          no_ack=False)
+                with consumer:
+                    backoff.reset()
+                    self.ready.set()
+                    while not self.stop.is_set():
+                        try:
+                            conn.drain_events(timeout=1)
+                        except socket.timeout:
+                            conn.heartbeat_check()
+            except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+                self.ready.clear()
+                if self.stop.is_set():
+                    break
+                log.warning("amqp consumer lost its connection; reconnecting", topic=self.topic,
+                            queue=self.queue, error=str(exc) or type(exc).__name__,
+                            retry_in=round(backoff.delay, 2))
+                backoff.wait()
+            finally:
+                try:
+                    conn.release()
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
+
+    def _on_message(self, message: Any) -> None:
+        info = message.delivery_info or {}
+        routing_key = info.get("routing_key", self.topic)
+        if self.t.prefix and routing_key.startswith(self.t.prefix):
+            routing_key = routing_key[len(self.t.prefix):]
+
+        def settle(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - dead channel: broker redelivers
+                log.warning("amqp ack failed; broker will redeliver", error=str(exc))
+
+        delivery = Delivery(
+            topic=routing_key, body=message.body if isinstance(message.body, bytes)
+            else str(message.body).encode(),
+            headers={k: str(v) for k, v in (message.headers or {}).items()},
+            redelivered=bool(info.get("redelivered")),
+            _ack=lambda: settle(message.ack),
+            _nack=lambda requeue: settle(message.reject, requeue),
+        )
+        try:
+            self.handler(delivery)
+        except Exception:
+            log.exception("handler raised; message dropped", topic=self.topic)
+            delivery.nack(requeue=False)
+
+    def cancel(self) -> None:
+        self.stop.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
+
+
+class AmqpTransport(Transport):
+    """AMQP transport; see the module docstring."""
+
+    def __init__(self, url: str, *, client_name: str = "deploybus") -> None:
+        self.url = url
+        parts = urlsplit(url)
+        q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.prefix = q.pop("prefix", "")
+        self.heartbeat = int(q.pop("heartbeat", "30"))
+        self.broker_url = parts._replace(query="").geturl()
+        self.client_name = client_name
+        self.exchange = kombu.Exchange("amq.topic", type="topic", durable=True, no_declare=True)
+        self._pub_lock = threading.Lock()
+        self._pub: kombu.Connection | None = None
+        self._subs: list[_Sub] = []
+
+    def _connection(self, *, heartbeat: int = 0) -> kombu.Connection:
+        return kombu.Connection(self.broker_url, heartbeat=heartbeat, connect_timeout=5,
+                                transport_options={"confirm_publish": True,
+                                                   "client_properties": {
+                                                       "connection_name": self.client_name}})
+
+    def _errback(self, exc: Exception, interval: float) -> None:
+        log.warning("amqp publish: broker unreachable; retrying", error=str(exc),
+                    retry_in=interval)
+
+    def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        check_topic(topic)
+        with self._pub_lock:
+            if self._pub is None:
+                self._pub = self._connection()
+            conn = self._pub
+            try:
+                producer = conn.Producer(serializer=None)
+                producer.publish(
+                    body, exchange=self.exchange, routing_key=self.prefix + topic,
+                    delivery_mode=2, headers=dict(headers or {}),
+                    content_type="application/json", content_encoding="binary",
+                    retry=True, declare=[],
+                    retry_policy={"max_retries": PUBLISH_RETRIES, "interval_start": 0.2,
+                                  "interval_step": 0.5, "interval_max": 2,
+                                  "errback": self._errback},
+                )
+            except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+                self._drop_pub()
+                raise BusConnectionError(f"publish to {topic!r} failed: {exc}") from None
+
+    def _drop_pub(self) -> None:
+        if self._pub is not None:
+            try:
+                self._pub.release()
+            except Exception:  # noqa: BLE001
+                pass
+            self._pub = None
+
+    def subscribe(self, topic: str, handler: Handler, *, queue: str | None = None,
+                  prefetch: int = DEFAULT_PREFETCH) -> Subscription:
+        check_topic(topic, pattern=queue is None)
+        sub = _Sub(self, topic, handler, queue, prefetch)
+        self._subs.append(sub)
+        if not sub.ready.wait(30):
+            log.warning("subscribed while disconnected; will consume on reconnect", topic=topic)
+        return sub
+
+    def declare(self, topic: str, queue: str) -> None:
+        conn = self._connection()
+        try:
+            q = kombu.Queue(self.prefix + queue, self.exchange,
+                            routing_key=self.prefix + check_topic(topic),
+                            durable=True, auto_delete=False)
+            conn.ensure_connection(max_retries=3)
+            with conn.channel() as channel:
+                q(channel).declare()
+        except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+            raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
+        finally:
+            conn.release()
+
+    def close(self) -> None:
+        for sub in self._subs:
+            sub.cancel()
+        self._subs.clear()
+        with self._pub_lock:
+            self._drop_pub()

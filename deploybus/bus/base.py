@@ -1,0 +1,158 @@
+"""The transport interface every bus implementation provides.
+
+A transport moves bytes between dotted topics (``deploy.requests.web1``) and
+knows nothing of envelopes or daemons. Subscriptions come in two kinds:
+
+* **durable** (``queue="name"``): a named queue that survives the consumer and
+  the broker restarting; consumers sharing the name compete for messages.
+  Used for anything that must not be lost (deploy requests, rollouts).
+* **fan-out** (``queue=None``): a private subscription that lives as long as
+  the subscriber; every fan-out subscriber gets a copy. Used for watching
+  (``deploybus deploy --wait``, the web page).
+
+Patterns follow AMQP topic rules: ``*`` matches one word, ``#`` zero or more.
+Durable subscriptions must name an exact topic (ActiveMQ cannot bind a
+virtual-topic queue to a wildcard); fan-out subscriptions may use patterns.
+
+Delivery is at-least-once. The handler of one subscription is called for one
+message at a time, on a thread owned by the transport; it must call
+:meth:`Delivery.ack` once the work is durable, or :meth:`Delivery.nack`.
+An ack on a connection that has since dropped is skipped: the broker will
+redeliver, which is why every handler is idempotent by message id.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+#: How many unacknowledged messages a subscription may hold by default.
+DEFAULT_PREFETCH = 10
+
+#: Topic that rejected messages are republished to, with the reason.
+DEADLETTER_TOPIC = "deploybus.deadletter"
+
+#: Durable queue that keeps dead letters until someone reads them.
+DEADLETTER_QUEUE = "deploybus-deadletter"
+
+
+@dataclass
+class Delivery:
+    """One received message and the means to settle it."""
+
+    topic: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    redelivered: bool = False
+    _ack: Callable[[], None] | None = field(default=None, repr=False)
+    _nack: Callable[[bool], None] | None = field(default=None, repr=False)
+    _settled: bool = field(default=False, repr=False)
+
+    def ack(self) -> None:
+        """Tell the broker the message is done with; it will not come back."""
+        if not self._settled and self._ack is not None:
+            self._settled = True
+            self._ack()
+
+    def nack(self, requeue: bool = True) -> None:
+        """Hand the message back (``requeue=True``) or drop it."""
+        if not self._settled and self._nack is not None:
+            self._settled = True
+            self._nack(requeue)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Subscription(abc.ABC):
+    """A live subscription; :meth:`cancel` stops delivery to its handler."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    """Publish, subscribe, declare, close. Implementations translate driver
+    errors into :class:`deploybus.errors.BusError` at this boundary."""
+
+    url: str
+
+    @abc.abstractmethod
+    def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        """Send ``body`` to ``topic`` persistently; returns once the broker has it."""
+
+    @abc.abstractmethod
+    def subscribe(self, topic: str, handler: Handler, *, queue: str | None = None,
+                  prefetch: int = DEFAULT_PREFETCH) -> Subscription:
+        """Call ``handler`` for every message on ``topic`` (see module doc)."""
+
+    @abc.abstractmethod
+    def declare(self, topic: str, queue: str) -> None:
+        """Make sure durable ``queue`` exists and collects ``topic``, without consuming."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop every subscription and drop connections. Unacked messages go back."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@lru_cache(maxsize=1024)
+def topic_regex(pattern: str) -> re.Pattern[str]:
+    """Compile an AMQP topic pattern (``*`` one word, ``#`` any words)."""
+    parts = []
+    for word in pattern.split("."):
+        if word == "#":
+            parts.append(r"(?:[^.]+(?:\.[^.]+)*)?")
+        elif word == "*":
+            parts.append(r"[^.]+")
+        else:
+            parts.append(re.escape(word))
+    rx = r"\.".join(parts)
+    # "a.#" must match "a" too: let the dot before a trailing # be optional.
+    rx = rx.replace(r"\.(?:[^.]+(?:\.[^.]+)*)?", r"(?:\.[^.]+(?:\.[^.]+)*)?")
+    return re.compile(rf"^{rx}$")
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    return topic_regex(pattern).match(topic) is not None
+
+
+def check_topic(topic: str, *, pattern: bool = False) -> str:
+    """Refuse empty words and wildcards where an exact topic is needed."""
+    if not topic or any(not w for w in topic.split(".")):
+        raise ValueError(f"bad topic {topic!r}: empty word")
+    if not pattern and any(w in ("*", "#") for w in topic.split(".")):
+        raise ValueError(f"topic {topic!r} must not contain wildcards here")
+    return topic
+
+
+class Backoff:
+    """Capped exponential backoff for reconnect loops, interruptible by ``stop``."""
+
+    def __init__(self, *, initial: float = 0.2, cap: float = 10.0,
+                 stop: threading.Event | None = None) -> None:
+        self.initial, self.cap = initial, cap
+        self.delay = initial
+        self.stop = stop or threading.Event()
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+    def wait(self) -> bool:
+        """Sleep the current delay; False if asked to stop meanwhile."""
+        stopped = self.stop.wait(self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+        return not stopped

@@ -1,0 +1,394 @@
+"""STOMP 1.2 transport (stomp.py) for RabbitMQ's STOMP plugin, ActiveMQ and Artemis.
+
+URL: ``stomp://user:pass@host:61613/?vhost=/&prefix=&flavor=auto&heartbeat=10000``
+(``stomp+ssl://`` for TLS). The broker flavour is read from the ``server``
+header of the CONNECTED frame unless ``flavor=rabbitmq|activemq`` says so.
+
+Destinations, by flavour (see docs/architecture.md, "The bus"):
+
+* RabbitMQ: publish to ``/topic/<topic>`` (the ``amq.topic`` exchange, so AMQP
+  clients see the same messages); durable subscriptions are ``/topic``
+  subscriptions with ``x-queue-name``, ``durable:true`` and
+  ``auto-delete:false``; prefetch is ``prefetch-count``.
+* ActiveMQ: publish to ``/topic/VirtualTopic.<topic>`` with
+  ``persistent:true``; durable subscriptions consume the virtual-topic queue
+  ``/queue/Consumer.<queue>.VirtualTopic.<topic>``; prefetch is
+  ``activemq.prefetchSize``.
+
+Publishing asks for a RECEIPT and waits for it, so a publish that returns is
+on the broker. A supervisor thread reconnects with capped backoff and
+resubscribes; acks for messages from a dropped connection are skipped.
+"""
+
+from __future__ import annotations
+
+import queue as queuemod
+import ssl
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import stomp
+import stomp.exception
+import structlog
+
+from deploybus.bus.base import (
+    DEFAULT_PREFETCH,
+    Backoff,
+    Delivery,
+    Handler,
+    Subscription,
+    Transport,
+    check_topic,
+)
+from deploybus.errors import BusConnectionError, BusError
+
+log = structlog.get_logger("deploybus.bus.stomp")
+
+#: How long publish() waits for a connection and the broker's receipt.
+PUBLISH_TIMEOUT = 30.0
+
+
+class _Sub(Subscription):
+    def __init__(self, transport: StompTransport, topic: str, handler: Handler,
+                 queue: str | None, prefetch: int) -> None:
+        self.transport, self.topic, self.handler = transport, topic, handler
+        self.queue, self.prefetch = queue, max(1, prefetch)
+        self.id = uuid.uuid4().hex
+        self.inbox: queuemod.Queue[tuple[int, Any] | None] = queuemod.Queue()
+        self.cancelled = False
+        self.worker = threading.Thread(target=self._work, daemon=True,
+                                       name=f"stomp-sub-{queue or topic}")
+        self.worker.start()
+
+    def _work(self) -> None:
+        t = self.transport
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                return
+            gen, frame = item
+            if self.cancelled:
+                continue
+            ack_id = frame.headers.get("ack") or frame.headers.get("message-id")
+            delivery = Delivery(
+                topic=t._topic_of(frame.headers.get("destination", ""), self.topic),
+                body=frame.body if isinstance(frame.body, bytes) else frame.body.encode(),
+                headers=dict(frame.headers),
+                redelivered=frame.headers.get("redelivered") == "true",
+                _ack=lambda g=gen, a=ack_id: t._settle(g, a, self.id, ack=True),
+                _nack=lambda requeue, g=gen, a=ack_id: t._settle(g, a, self.id, ack=False,
+                                                                 requeue=requeue),
+            )
+            try:
+                self.handler(delivery)
+            except Exception:
+                log.exception("handler raised; message dropped", topic=self.topic)
+                delivery.nack(requeue=False)
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.transport._unsubscribe(self)
+        self.inbox.put(None)
+        if threading.current_thread() is not self.worker:
+            self.worker.join(timeout=5)
+
+
+class _Listener(stomp.ConnectionListener):
+    def __init__(self, transport: StompTransport, gen: int) -> None:
+        self.t, self.gen = transport, gen
+
+    def on_connected(self, frame: Any) -> None:
+        self.t._server = frame.headers.get("server", "")
+
+    def on_message(self, frame: Any) -> None:
+        sub = self.t._subs.get(frame.headers.get("subscription", ""))
+        if sub is not None:
+            sub.inbox.put((self.gen, frame))
+
+    def on_receipt(self, frame: Any) -> None:
+        waiter = self.t._receipts.get(frame.headers.get("receipt-id", ""))
+        if waiter is not None:
+            waiter.set()
+
+    def on_error(self, frame: Any) -> None:
+        log.warning("broker error frame", message=frame.headers.get("message"),
+                    body=(frame.body[:300] if frame.body else None))
+
+    def on_heartbeat_timeout(self) -> None:
+        log.warning("stomp heartbeat timeout; reconnecting")
+        self.t._lost(self.gen)
+
+    def on_disconnected(self) -> None:
+        self.t._lost(self.gen)
+
+
+class StompTransport(Transport):
+    """STOMP transport; see the module docstring."""
+
+    def __init__(self, url: str, *, client_name: str = "deploybus") -> None:
+        self.url = url
+        parts = urlsplit(url)
+        q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 61613
+        self.user = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.vhost = q.get("vhost", "/")
+        self.prefix = q.get("prefix", "")
+        self.flavor = q.get("flavor", "auto")
+        self.heartbeat = int(q.get("heartbeat", "10000"))
+        self.use_ssl = parts.scheme == "stomp+ssl"
+        self.client_name = client_name
+        self._lock = threading.RLock()
+        self._conn: stomp.Connection12 | None = None
+        self._gen = 0
+        self._server = ""
+        self._connected = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._subs: dict[str, _Sub] = {}
+        self._receipts: dict[str, threading.Event] = {}
+        self._supervisor: threading.Thread | None = None
+
+    # -- connection management -------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._supervisor is None:
+                self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                                    name=f"stomp-supervisor-{self.client_name}")
+                self._supervisor.start()
+
+    def _supervise(self) -> None:
+        backoff = Backoff(stop=self._stop)
+        while not self._stop.is_set():
+            if self._connected.is_set():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._connect_once()
+                backoff.reset()
+            except Exception as exc:  # noqa: BLE001 - any driver error means "retry"
+                log.warning("stomp connect failed; retrying", host=self.host, port=self.port,
+                            error=str(exc) or type(exc).__name__, retry_in=round(backoff.delay, 2))
+                if not backoff.wait():
+                    return
+
+    def _connect_once(self) -> None:
+        conn = stomp.Connection12([(self.host, self.port)], heartbeats=(self.heartbeat, self.heartbeat),
+                                  vhost=self.vhost, auto_decode=False, reconnect_attempts_max=1,
+                                  timeout=10)
+        if self.use_ssl:
+            conn.set_ssl([(self.host, self.port)], ssl_version=ssl.PROTOCOL_TLS_CLIENT)
+        with self._lock:
+            self._gen += 1
+            gen = self._gen
+        conn.set_listener("deploybus", _Listener(self, gen))
+        conn.connect(self.user, self.password, wait=True,
+                     headers={"client-id": f"{self.client_name}-{uuid.uuid4().hex[:8]}"})
+        with self._lock:
+            if gen != self._gen:
+                raise BusConnectionError("connection replaced while connecting")
+            self._conn = conn
+            if self.flavor == "auto":
+                self.flavor = "activemq" if "activemq" in self._server.lower() else "rabbitmq"
+            for sub in list(self._subs.values()):
+                self._send_subscribe(conn, sub)
+            self._connected.set()
+        log.info("stomp connected", host=self.host, port=self.port, server=self._server,
+                 subscriptions=len(self._subs))
+
+    def _lost(self, gen: int) -> None:
+        with self._lock:
+            if gen != self._gen or self._stop.is_set():
+                return
+            self._gen += 1  # acks of the dead connection are now skipped
+            conn, self._conn = self._conn, None
+            self._connected.clear()
+        log.warning("stomp connection lost", host=self.host, port=self.port)
+        if conn is not None:
+            threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()
+        self._wake.set()
+
+    @staticmethod
+    def _quiet_disconnect(conn: stomp.Connection12) -> None:
+        try:
+            conn.disconnect()
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+
+    def _ready(self, timeout: float) -> stomp.Connection12:
+        self._start()
+        if not self._connected.wait(timeout):
+            raise BusConnectionError(f"no STOMP connection to {self.host}:{self.port} "
+                                     f"within {timeout:.0f}s")
+        conn = self._conn
+        if conn is None:
+            raise BusConnectionError("STOMP connection dropped")
+        return conn
+
+    # -- destinations ----------------------------------------------------------
+
+    def _amq(self) -> bool:
+        return self.flavor == "activemq"
+
+    def _pub_dest(self, topic: str) -> str:
+        name = self.prefix + topic
+        return f"/topic/VirtualTopic.{name}" if self._amq() else f"/topic/{name}"
+
+    def _sub_dest(self, sub: _Sub) -> tuple[str, dict[str, str]]:
+        name = self.prefix + sub.topic
+        if self._amq():
+            headers = {"activemq.prefetchSize": str(sub.prefetch)}
+            if sub.queue:
+                consumer = (self.prefix + sub.queue).replace(".", "_")
+                return f"/queue/Consumer.{consumer}.VirtualTopic.{name}", headers
+            amq_pattern = ".".join(">" if w == "#" else w for w in name.split("."))
+            return f"/topic/VirtualTopic.{amq_pattern}", headers
+        headers = {"prefetch-count": str(sub.prefetch)}
+        if sub.queue:
+            headers.update({"x-queue-name": self.prefix + sub.queue, "durable": "true",
+                            "auto-delete": "false"})
+        return f"/topic/{name}", headers
+
+    def _topic_of(self, destination: str, fallback: str) -> str:
+        name = destination
+        for lead in ("/topic/", "/exchange/amq.topic/", "/queue/"):
+            if name.startswith(lead):
+                name = name[len(lead):]
+                break
+        if name.startswith("Consumer."):
+            name = name.split(".", 2)[2] if name.count(".") >= 2 else name
+        name = name.removeprefix("VirtualTopic.")
+        if self.prefix and name.startswith(self.prefix):
+            name = name[len(self.prefix):]
+        return name or fallback
+
+    def _send_subscribe(self, conn: stomp.Connection12, sub: _Sub) -> None:
+        dest, headers = self._sub_dest(sub)
+        conn.subscribe(dest, sub.id, ack="client-individual", headers=headers)
+
+    # -- Transport API -----------------------------------------------------------
+
+    def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        check_topic(topic)
+        deadline = threading.Event()
+        timer = threading.Timer(PUBLISH_TIMEOUT, deadline.set)
+        timer.start()
+        try:
+            while not deadline.is_set():
+                conn = self._ready(PUBLISH_TIMEOUT)
+                rid = uuid.uuid4().hex
+                waiter = self._receipts[rid] = threading.Event()
+                gen = self._gen
+                try:
+                    hdrs = {"persistent": "true", "receipt": rid, **(headers or {})}
+                    conn.send(self._pub_dest(topic), body, content_type="application/json",
+                              headers=hdrs)
+                    # Wait for the receipt, but notice a dropped connection early.
+                    while not waiter.wait(0.2):
+                        if gen != self._gen or deadline.is_set():
+                            break
+                    if waiter.is_set():
+                        return
+                except stomp.exception.StompException as exc:
+                    log.warning("stomp publish failed; retrying", topic=topic, error=str(exc))
+                    self._lost(gen)
+                finally:
+                    self._receipts.pop(rid, None)
+            raise BusConnectionError(f"publish to {topic!r} not confirmed within "
+                                     f"{PUBLISH_TIMEOUT:.0f}s")
+        finally:
+            timer.cancel()
+
+    def subscribe(self, topic: str, handler: Handler, *, queue: str | None = None,
+                  prefetch: int = DEFAULT_PREFETCH) -> Subscription:
+        check_topic(topic, pattern=queue is None)
+        sub = _Sub(self, topic, handler, queue, prefetch)
+        with self._lock:
+            self._subs[sub.id] = sub
+            conn = self._conn if self._connected.is_set() else None
+            if conn is not None:
+                try:
+                    self._send_subscribe(conn, sub)
+                except stomp.exception.StompException:
+                    self._lost(self._gen)  # resubscribed on reconnect
+        self._start()
+        if conn is None:
+            # Wait for the first connection so a subscriber is live on return.
+            try:
+                self._ready(PUBLISH_TIMEOUT)
+            except BusConnectionError:
+                log.warning("subscribed while disconnected; will subscribe on reconnect",
+                            topic=topic)
+        return sub
+
+    def declare(self, topic: str, queue: str) -> None:
+        conn = self._ready(PUBLISH_TIMEOUT)
+        sub = _Sub(self, check_topic(topic), lambda d: d.nack(requeue=True), queue, 1)
+        dest, headers = self._sub_dest(sub)
+        try:
+            # Subscribing creates the durable queue; unsubscribing keeps it.
+            rid = uuid.uuid4().hex
+            waiter = self._receipts[rid] = threading.Event()
+            conn.subscribe(dest, sub.id, ack="client-individual",
+                           headers={**headers, "prefetch-count": "0", "receipt": rid})
+            waiter.wait(PUBLISH_TIMEOUT)
+            conn.unsubscribe(sub.id)
+        except stomp.exception.StompException as exc:
+            raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
+        finally:
+            sub.cancelled = True
+            sub.inbox.put(None)
+
+    def _unsubscribe(self, sub: _Sub) -> None:
+        with self._lock:
+            self._subs.pop(sub.id, None)
+            conn = self._conn if self._connected.is_set() else None
+        if conn is not None:
+            try:
+                conn.unsubscribe(sub.id)
+            except stomp.exception.StompException:
+                pass
+
+    def _settle(self, gen: int, ack_id: str | None, sub_id: str, *, ack: bool,
+                requeue: bool = True) -> None:
+        with self._lock:
+            conn = self._conn
+            if gen != self._gen or conn is None or ack_id is None:
+                return  # connection gone: the broker redelivers
+        try:
+            if ack:
+                conn.ack(ack_id)
+            elif self._amq() or requeue:
+                conn.nack(ack_id)
+            else:
+                conn.nack(ack_id, requeue="false")
+        except stomp.exception.StompException as exc:
+            log.warning("stomp ack failed; broker will redeliver", error=str(exc))
+
+    def close(self) -> None:
+        for sub in list(self._subs.values()):
+            sub.cancel()
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._gen += 1
+            self._connected.clear()
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+
+
+__all__ = ["StompTransport", "BusError"]

@@ -1,0 +1,296 @@
+"""The one YAML configuration file, checked with errors that name file, line and key.
+
+Layout (every key is documented in docs/configuration.md)::
+
+    bus:          {url, prefetch}
+    keys:         {signing, trusted: {name: path-or-line}, policy: [{signer, projects, environments}]}
+    state:        {url}                      # SQLAlchemy URL of the rollout store
+    defaults:     {root, state_dir}          # per-host defaults
+    hosts:        {name: {root, state_dir}}  # optional per-host overrides
+    projects:     {name: {git, scripts: {pre, post}, script_timeout, keep}}
+    environments: {name: {hosts: [..], projects: [..], request_timeout}}
+
+Relative paths are taken relative to the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploybus.errors import ConfigError
+from deploybus.refs import NAME_RE
+
+#: Hook scripts a project may define, in the order the agent runs them.
+SCRIPT_STEPS = ("pre", "post")
+
+
+@dataclass
+class ProjectConfig:
+    name: str
+    git: str
+    scripts: dict[str, str] = field(default_factory=dict)
+    script_timeout: float = 600.0
+    keep: int = 5
+
+
+@dataclass
+class EnvironmentConfig:
+    name: str
+    hosts: list[str]
+    projects: list[str] | None = None
+    request_timeout: float = 900.0
+
+
+@dataclass
+class HostConfig:
+    name: str
+    root: Path
+    state_dir: Path
+
+
+@dataclass
+class Config:
+    path: Path
+    bus_url: str = "memory://"
+    prefetch: int = 10
+    signing_key: Path | None = None
+    trusted: dict[str, Any] = field(default_factory=dict)  # name -> Ed25519PublicKey
+    policy: list[Any] = field(default_factory=list)        # PolicyRule
+    state_url: str = "sqlite:///deploybus.db"
+    default_root: Path = Path("/srv/deploy")
+    default_state_dir: Path = Path("/var/lib/deploybus")
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
+    projects: dict[str, ProjectConfig] = field(default_factory=dict)
+    environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
+
+    def host(self, name: str) -> HostConfig:
+        """Settings of host ``name``, defaults filled in."""
+        return self.hosts.get(name) or HostConfig(name, self.default_root,
+                                                  self.default_state_dir)
+
+    def projects_for_host(self, host: str) -> list[ProjectConfig]:
+        """Projects some environment deploys to ``host``."""
+        names: set[str] = set()
+        for env in self.environments.values():
+            if host in env.hosts:
+                names.update(env.projects if env.projects is not None else self.projects)
+        return [self.projects[n] for n in sorted(names)]
+
+    def load_signing_key(self) -> Any:
+        from deploybus.signing import SigningKey
+        if self.signing_key is None:
+            raise ConfigError("no signing key configured", path=str(self.path), key="keys.signing")
+        return SigningKey.load(self.signing_key)
+
+    def verifier(self, replay_path: Path | None = None) -> Any:
+        from deploybus.signing import ReplayCache, Verifier
+        return Verifier(self.trusted, self.policy, replay=ReplayCache(replay_path))
+
+
+class _Checker:
+    """Walks the parsed YAML with the line of every key at hand."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines: dict[tuple[str, ...], int] = {}
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", path=str(path),
+                              line=mark.line + 1 if mark else None) from None
+        if node is not None:
+            self._index(node, ())
+
+    def _index(self, node: yaml.Node, at: tuple[str, ...]) -> None:
+        self.lines.setdefault(at, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in node.value:
+                key = str(k.value)
+                if key in seen:
+                    raise ConfigError("duplicate key", path=str(self.path),
+                                      line=k.start_mark.line + 1, key=".".join(at + (key,)))
+                seen.add(key)
+                self.lines[at + (key,)] = k.start_mark.line + 1
+                self._index(v, at + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self.lines[at + (str(i),)] = v.start_mark.line + 1
+                self._index(v, at + (str(i),))
+
+    def fail(self, at: tuple[str, ...], message: str) -> ConfigError:
+        line = None
+        probe = at
+        while probe and line is None:
+            line = self.lines.get(probe)
+            probe = probe[:-1]
+        return ConfigError(message, path=str(self.path), line=line or self.lines.get(()),
+                           key=".".join(at) or None)
+
+    def mapping(self, value: Any, at: tuple[str, ...], allowed: tuple[str, ...] | None) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(at, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    close = difflib.get_close_matches(str(key), allowed, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else \
+                        f" (known: {', '.join(allowed)})"
+                    raise self.fail(at + (str(key),), f"unknown key{hint}")
+        return value
+
+    def string(self, value: Any, at: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(at, f"expected a non-empty string, got {value!r:.40}")
+        return value
+
+    def number(self, value: Any, at: tuple[str, ...], *, minimum: float = 0) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise self.fail(at, f"expected a number >= {minimum}, got {value!r:.40}")
+        return value
+
+    def strings(self, value: Any, at: tuple[str, ...]) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(at, f"expected a list, got {type(value).__name__}")
+        return [self.string(v, at + (str(i),)) for i, v in enumerate(value)]
+
+    def name(self, value: Any, at: tuple[str, ...]) -> str:
+        s = self.string(value, at)
+        if not NAME_RE.fullmatch(s):
+            raise self.fail(at, f"{s!r} is not a valid name (letters, digits, '.', '_', '-')")
+        return s
+
+    def path_value(self, value: Any, at: tuple[str, ...]) -> Path:
+        p = Path(os.path.expanduser(self.string(value, at)))
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check the config file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", path=str(p)) from None
+    return parse(text, p)
+
+
+def parse(text: str, path: Path) -> Config:
+    from deploybus.signing import PolicyRule, parse_public
+
+    c = _Checker(path, text)
+    top = c.mapping(c.data, (), ("bus", "keys", "state", "defaults", "hosts", "projects",
+                                 "environments"))
+    cfg = Config(path=path)
+
+    bus = c.mapping(top.get("bus"), ("bus",), ("url", "prefetch"))
+    if "url" in bus:
+        cfg.bus_url = c.string(bus["url"], ("bus", "url"))
+        from deploybus.bus import SCHEMES
+        scheme = cfg.bus_url.split("://", 1)[0]
+        if "://" not in cfg.bus_url or scheme not in SCHEMES:
+            raise c.fail(("bus", "url"), f"unsupported bus URL; use one of "
+                                         f"{', '.join(s + '://' for s in SCHEMES)}")
+    if "prefetch" in bus:
+        cfg.prefetch = int(c.number(bus["prefetch"], ("bus", "prefetch"), minimum=1))
+
+    keys = c.mapping(top.get("keys"), ("keys",), ("signing", "trusted", "policy"))
+    if keys.get("signing") is not None:
+        cfg.signing_key = c.path_value(keys["signing"], ("keys", "signing"))
+    for name, value in c.mapping(keys.get("trusted"), ("keys", "trusted"), None).items():
+        at = ("keys", "trusted", str(name))
+        c.name(name, at)
+        text_value = c.string(value, at)
+        if not text_value.startswith("ed25519 "):
+            kp = c.path_value(text_value, at)
+            try:
+                text_value = kp.read_text()
+            except OSError as exc:
+                raise c.fail(at, f"cannot read public key {kp}: {exc.strerror}") from None
+        try:
+            cfg.trusted[name] = parse_public(text_value, where=f"key {name}")
+        except ConfigError as exc:
+            raise c.fail(at, str(exc)) from None
+    policy = keys.get("policy") or []
+    if not isinstance(policy, list):
+        raise c.fail(("keys", "policy"), "expected a list of rules")
+    for i, rule in enumerate(policy):
+        at = ("keys", "policy", str(i))
+        r = c.mapping(rule, at, ("signer", "projects", "environments"))
+        signer = c.name(r.get("signer"), at + ("signer",))
+        if signer not in cfg.trusted:
+            raise c.fail(at + ("signer",), f"signer {signer!r} is not in keys.trusted")
+        cfg.policy.append(PolicyRule(
+            signer=signer,
+            projects=c.strings(r.get("projects", ["*"]), at + ("projects",)),
+            environments=c.strings(r.get("environments", ["*"]), at + ("environments",))))
+
+    state = c.mapping(top.get("state"), ("state",), ("url",))
+    if "url" in state:
+        url = c.string(state["url"], ("state", "url"))
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            url = "sqlite:///" + str((path.parent / url[len("sqlite:///"):]).resolve())
+        cfg.state_url = url
+
+    defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir"))
+    if "root" in defaults:
+        cfg.default_root = c.path_value(defaults["root"], ("defaults", "root"))
+    if "state_dir" in defaults:
+        cfg.default_state_dir = c.path_value(defaults["state_dir"], ("defaults", "state_dir"))
+
+    for name, h in c.mapping(top.get("hosts"), ("hosts",), None).items():
+        at = ("hosts", str(name))
+        c.name(name, at)
+        h = c.mapping(h, at, ("root", "state_dir"))
+        cfg.hosts[name] = HostConfig(
+            name,
+            c.path_value(h["root"], at + ("root",)) if "root" in h else cfg.default_root,
+            c.path_value(h["state_dir"], at + ("state_dir",)) if "state_dir" in h
+            else cfg.default_state_dir / name)
+
+    for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
+        at = ("projects", str(name))
+        c.name(name, at)
+        pr = c.mapping(pr, at, ("git", "scripts", "script_timeout", "keep"))
+        if "git" not in pr:
+            raise c.fail(at, "missing key 'git' (the repository URL or path to deploy from)")
+        git = c.string(pr["git"], at + ("git",))
+        if "://" not in git and not git.startswith(("git@", "/")) and ":" not in git:
+            git = str(c.path_value(git, at + ("git",)))
+        scripts = {k: c.string(v, at + ("scripts", k)) for k, v in
+                   c.mapping(pr.get("scripts"), at + ("scripts",), SCRIPT_STEPS).items()}
+        cfg.projects[name] = ProjectConfig(
+            name=name, git=git, scripts=scripts,
+            script_timeout=c.number(pr.get("script_timeout", 600), at + ("script_timeout",),
+                                    minimum=1),
+            keep=int(c.number(pr.get("keep", 5), at + ("keep",), minimum=1)))
+
+    for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
+        at = ("environments", str(name))
+        c.name(name, at)
+        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout"))
+        if "hosts" not in ev:
+            raise c.fail(at, "missing key 'hosts'")
+        hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
+                 enumerate(c.strings(ev["hosts"], at + ("hosts",)))]
+        projects = None
+        if "projects" in ev:
+            projects = c.strings(ev["projects"], at + ("projects",))
+            for i, pn in enumerate(projects):
+                if pn not in cfg.projects:
+                    raise c.fail(at + ("projects", str(i)), f"unknown project {pn!r}")
+        cfg.environments[name] = EnvironmentConfig(
+            name=name, hosts=hosts, projects=projects,
+            request_timeout=c.number(ev.get("request_timeout", 900),
+                                     at + ("request_timeout",), minimum=1))
+    return cfg

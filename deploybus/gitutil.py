@@ -1,0 +1,89 @@
+"""Local git mirrors and checkouts (GitPython), shared by the fetcher and the agent.
+
+A host keeps one bare mirror per project under ``<state_dir>/mirrors``;
+deploys check out of it, so a deploy needs no network once the mirror has
+the commit. Mirror updates take a file lock so the fetcher and the agent
+never fetch into the same mirror at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import git
+
+from deploybus.errors import DeployError, RefError
+from deploybus.refs import check_ref
+
+
+def mirror_path(state_dir: Path, project: str) -> Path:
+    return state_dir / "mirrors" / f"{project}.git"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_mirror(state_dir: Path, project: str, url: str) -> Path:
+    """Clone the mirror if missing, else fetch (pruning deleted refs)."""
+    path = mirror_path(state_dir, project)
+    with _locked(path):
+        try:
+            if (path / "HEAD").exists():
+                git.Repo(path).git.fetch("--prune", "--tags", "origin",
+                                         "+refs/heads/*:refs/heads/*")
+            else:
+                git.Repo.clone_from(url, path, mirror=True, multi_options=["--no-hardlinks"])
+        except git.GitCommandError as exc:
+            raise DeployError(f"git could not update mirror of {project} from {url}: "
+                              f"{exc.stderr.strip() or exc}") from None
+    return path
+
+
+def resolve(mirror: Path, ref: str) -> str:
+    """The commit id ``ref`` names in ``mirror``; RefError if it names none."""
+    check_ref(ref)
+    try:
+        return git.Repo(mirror).git.rev_parse("--verify", "--quiet", "--end-of-options",
+                                              f"{ref}^{{commit}}")
+    except git.GitCommandError:
+        raise RefError(f"ref {ref!r} not found") from None
+    except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+        raise RefError(f"no mirror at {mirror}") from None
+
+
+def export(mirror: Path, commit: str, dest: Path) -> int:
+    """Write the tree of ``commit`` into ``dest`` (``git archive``, no .git); file count."""
+    repo = git.Repo(mirror)
+    proc = repo.git.archive("--format=tar", commit, as_process=True)
+    count = 0
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                tar.extract(member, dest, filter="data")
+                count += 1
+    except tarfile.TarError as exc:
+        raise DeployError(f"git archive of {commit} failed: {exc}") from None
+    finally:
+        proc.wait()
+    return count
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,172 @@
+"""Shared start and stop for every daemon.
+
+A daemon is one or more :class:`Service` objects run by :class:`Runner`, which
+owns the process: it installs signal handlers, starts the services in order,
+tells systemd ``READY=1`` and pets its watchdog, and stops them in reverse
+order. Shutdown order, for each service: stop taking messages (cancel
+subscriptions), let in-flight work finish within the grace period (its
+messages are acked when done, or go back to the broker), close connections.
+The first SIGTERM or SIGINT is a warm stop; the second is cold: the process
+exits at once with :data:`EXIT_COLD`, leaving unacked messages to the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from deploybus.config import Config
+
+#: Clean exit.
+EXIT_OK = 0
+#: A deploy or command failed (the reason is printed).
+EXIT_FAILURE = 1
+#: Command line usage error (sysexits EX_USAGE).
+EXIT_USAGE = 64
+#: A required service (broker, database) is unavailable (EX_UNAVAILABLE).
+EXIT_UNAVAILABLE = 69
+#: Internal error (EX_SOFTWARE).
+EXIT_SOFTWARE = 70
+#: Timed out waiting; try again (EX_TEMPFAIL).
+EXIT_TEMPFAIL = 75
+#: Refused: not signed, not allowed, locked (EX_NOPERM).
+EXIT_REFUSED = 77
+#: Configuration error (EX_CONFIG); systemd units do not restart on it.
+EXIT_CONFIG = 78
+#: Second signal: cold stop.
+EXIT_COLD = 130
+
+#: Seconds a warm stop waits for in-flight work.
+STOP_GRACE = 30.0
+
+
+class Stats:
+    """Thread-safe counters a daemon keeps (received, rejected, dead-lettered...)."""
+
+    def __init__(self) -> None:
+        self._c: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def incr(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+    def __getitem__(self, key: str) -> int:
+        with self._lock:
+            return self._c[key]
+
+
+@dataclass
+class Context:
+    """What every service of one process shares."""
+
+    config: Config
+    bus: Any  # deploybus.bus.Transport
+    host: str
+    signing_key: Any = None  # deploybus.signing.SigningKey
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def sender(self) -> str:
+        return f"{os.getpid()}@{self.host}"
+
+
+class Service:
+    """One daemon's logic. Override :meth:`start` and :meth:`stop`."""
+
+    name = "service"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.log = structlog.get_logger(f"deploybus.{self.name}").bind(daemon=self.name,
+                                                                      host=ctx.host)
+
+    def start(self) -> None:
+        """Subscribe and start threads; return once the service is live."""
+
+    def stop(self, timeout: float = STOP_GRACE) -> None:
+        """Warm stop: stop taking work, finish or hand back in-flight work."""
+
+    def healthy(self) -> bool:
+        return True
+
+
+class _Systemd:
+    """``sd_notify`` through systemd-python when importable; a no-op otherwise."""
+
+    def __init__(self) -> None:
+        try:
+            from systemd import daemon  # type: ignore[import-not-found]
+        except ImportError:
+            daemon = None
+        self.daemon = daemon
+
+    def notify(self, state: str) -> bool:
+        if self.daemon is None or not os.environ.get("NOTIFY_SOCKET"):
+            return False
+        return bool(self.daemon.notify(state))
+
+    def watchdog_interval(self) -> float | None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        return int(usec) / 2e6 if usec and usec.isdigit() else None
+
+
+class Runner:
+    """Runs services until a signal arrives; see the module docstring."""
+
+    def __init__(self, services: list[Service], *, name: str, grace: float = STOP_GRACE) -> None:
+        self.services, self.name, self.grace = services, name, grace
+        self.stopping = threading.Event()
+        self.signals = 0
+        self.systemd = _Systemd()
+        self.log = structlog.get_logger("deploybus.runner").bind(daemon=name)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            self.log.info("warm stop requested", signal=signal.Signals(signum).name)
+            self.stopping.set()
+        else:
+            self.log.warning("cold stop: exiting now", signal=signal.Signals(signum).name)
+            os._exit(EXIT_COLD)
+
+    def start(self) -> None:
+        for service in self.services:
+            service.start()
+        self.systemd.notify("READY=1")
+        self.log.info("ready", services=[s.name for s in self.services])
+
+    def stop(self) -> None:
+        self.systemd.notify("STOPPING=1")
+        for service in reversed(self.services):
+            try:
+                service.stop(self.grace)
+            except Exception:  # one service failing to stop must not keep the rest up
+                self.log.exception("error while stopping", service=service.name)
+        self.log.info("stopped")
+
+    def run(self) -> int:
+        """Start, wait for a signal, stop. Returns the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        interval = self.systemd.watchdog_interval()
+        while not self.stopping.wait(interval or 3600):
+            if interval and all(s.healthy() for s in self.services):
+                self.systemd.notify("WATCHDOG=1")
+        started = time.monotonic()
+        self.stop()
+        self.log.info("exit", seconds=round(time.monotonic() - started, 2))
+        return EXIT_OK

@@ -1,0 +1,205 @@
+"""ed25519 signatures, trusted keys, signer policy and replay refusal.
+
+Every action-causing message (a rollout, a deploy request) is signed. A
+:class:`Verifier` accepts a message only when all of these hold: it is signed
+by a trusted key, the signature covers the exact envelope, it is not expired
+and not dated in the future beyond the allowed clock skew, its id was not
+seen before, and the policy lets that signer ask for that project and
+environment. The policy is default-deny.
+
+Key files: the private key is PKCS#8 PEM (mode 0600); the public key is one
+line ``ed25519 <base64 of the 32 raw bytes> <name>``, the form the config's
+``keys.trusted`` entries take too.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from deploybus.envelope import Envelope, now
+from deploybus.errors import ConfigError, ExpiredError, ReplayError, SignatureError
+
+#: Clock difference between hosts that is tolerated for ``at``.
+DEFAULT_SKEW = timedelta(seconds=60)
+
+#: An action-causing message must expire within this time of being sent.
+MAX_TTL = timedelta(days=1)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_line(public: Ed25519PublicKey, name: str) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"ed25519 {base64.b64encode(raw).decode()} {name}"
+
+
+def parse_public(text: str, *, where: str = "public key") -> Ed25519PublicKey:
+    parts = text.strip().split()
+    if len(parts) < 2 or parts[0] != "ed25519":
+        raise ConfigError(f"{where}: expected 'ed25519 <base64> [name]'")
+    try:
+        raw = base64.b64decode(parts[1], validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not an ed25519 public key ({exc})") from None
+
+
+class SigningKey:
+    """A named private key that signs envelopes."""
+
+    def __init__(self, name: str, private: Ed25519PrivateKey) -> None:
+        self.name, self.private = name, private
+        self.public = private.public_key()
+        self.id = key_id(self.public)
+
+    @classmethod
+    def generate(cls, name: str) -> SigningKey:
+        return cls(name, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], name: str | None = None) -> SigningKey:
+        p = Path(path)
+        try:
+            key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load private key: {exc}", path=str(p)) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError("not an ed25519 private key", path=str(p))
+        return cls(name or p.stem, key)
+
+    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write ``NAME.key`` (0600) and ``NAME.pub``; refuse to overwrite."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        priv, pub = d / f"{self.name}.key", d / f"{self.name}.pub"
+        for p in (priv, pub):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; not overwriting a key")
+        pem = self.private.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+        fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        pub.write_text(public_line(self.public, self.name) + "\n")
+        return priv, pub
+
+    def sign(self, env: Envelope) -> Envelope:
+        value = self.private.sign(env.signing_bytes())
+        return env.with_sig({"alg": "ed25519", "key": self.id,
+                             "value": base64.b64encode(value).decode()})
+
+
+@dataclass
+class PolicyRule:
+    """``signer`` may ask for ``projects`` in ``environments`` (glob patterns)."""
+
+    signer: str
+    projects: list[str] = field(default_factory=lambda: ["*"])
+    environments: list[str] = field(default_factory=lambda: ["*"])
+
+    def allows(self, signer: str, project: str, environment: str) -> bool:
+        return (signer == self.signer
+                and any(fnmatch.fnmatchcase(project, p) for p in self.projects)
+                and any(fnmatch.fnmatchcase(environment, e) for e in self.environments))
+
+
+class ReplayCache:
+    """Ids seen within their time to live; optionally kept in a file across restarts."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+        if self.path and self.path.exists():
+            t = time.time()
+            for line in self.path.read_text().splitlines():
+                try:
+                    mid, until = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line after a crash
+                if until > t:
+                    self.seen[mid] = until
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        assert self.path is not None
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps([k, v]) + "\n" for k, v in self.seen.items()))
+        os.replace(tmp, self.path)
+
+    def check_and_add(self, mid: str, until: float) -> None:
+        with self.lock:
+            t = time.time()
+            if len(self.seen) > 10000:
+                self.seen = {k: v for k, v in self.seen.items() if v > t}
+            if self.seen.get(mid, 0) > t:
+                raise ReplayError(f"message {mid} was already received (replay)")
+            self.seen[mid] = until
+            if self.path:
+                with self.path.open("a") as f:
+                    f.write(json.dumps([mid, until]) + "\n")
+
+
+class Verifier:
+    """Checks signatures, freshness, replay and policy; see the module docstring."""
+
+    def __init__(self, trusted: dict[str, Ed25519PublicKey], policy: list[PolicyRule], *,
+                 replay: ReplayCache | None = None, skew: timedelta = DEFAULT_SKEW) -> None:
+        self.keys = {key_id(k): (name, k) for name, k in trusted.items()}
+        self.policy = policy
+        self.replay = replay or ReplayCache()
+        self.skew = skew
+
+    def signer(self, env: Envelope) -> str:
+        """The trusted name that signed ``env``; raises if unsigned or bad."""
+        if env.sig is None:
+            raise SignatureError("message is not signed")
+        if env.sig.get("alg") != "ed25519":
+            raise SignatureError(f"unsupported signature algorithm {env.sig.get('alg')!r:.30}")
+        entry = self.keys.get(env.sig.get("key", ""))
+        if entry is None:
+            raise SignatureError(f"signed by unknown key {env.sig.get('key')!r:.40}")
+        name, public = entry
+        try:
+            public.verify(base64.b64decode(env.sig["value"], validate=True), env.signing_bytes())
+        except (InvalidSignature, ValueError):
+            raise SignatureError(f"bad signature (tampered message or wrong key {name})") from None
+        return name
+
+    def verify(self, env: Envelope, *, project: str | None = None,
+               environment: str | None = None) -> str:
+        """Full check for an action-causing message; returns the signer's name."""
+        name = self.signer(env)
+        t = now()
+        at = env.at_time
+        if at > t + self.skew:
+            raise ExpiredError(f"message is dated in the future ({env.at})")
+        expires = env.expires_time
+        if expires is None:
+            raise ExpiredError("action message without an expiry")
+        if expires - at > MAX_TTL:
+            raise ExpiredError(f"expiry is more than {MAX_TTL} after sending")
+        if expires <= t:
+            raise ExpiredError(f"message expired at {env.expires}")
+        if project is not None and environment is not None and not any(
+                r.allows(name, project, environment) for r in self.policy):
+            raise SignatureError(f"signer {name!r} may not deploy {project!r} to {environment!r}")
+        self.replay.check_and_add(env.id, expires.timestamp() + self.skew.total_seconds())
+        return name

@@ -1,0 +1,198 @@
+"""Rollout state, per-host steps, logs and host presence (SQLAlchemy).
+
+SQLite file by default, PostgreSQL in production. The orchestrator writes;
+the web front end and the CLI read. Every write is one short transaction, so
+several processes can share one database.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from deploybus.errors import DeployBusError
+
+#: Rollout states; the last three are final.
+ROLLOUT_STATES = ("queued", "running", "succeeded", "failed", "refused")
+FINAL_STATES = frozenset({"succeeded", "failed", "refused"})
+
+
+class StoreError(DeployBusError):
+    """The state database could not be read or written."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    environment: Mapped[str] = mapped_column(String(64), index=True)
+    ref: Mapped[str] = mapped_column(String(200))
+    user: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    steps: Mapped[list[HostStep]] = relationship(back_populates="rollout",
+                                                  order_by="HostStep.position")
+
+
+class HostStep(Base):
+    __tablename__ = "host_steps"
+    __table_args__ = (UniqueConstraint("rollout_id", "host"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    host: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    release: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    rollout: Mapped[Rollout] = relationship(back_populates="steps")
+
+
+class LogLine(Base):
+    __tablename__ = "rollout_logs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(64))
+    step: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes even for timezone=True columns.
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+class Store:
+    """Short transactions over the state database at ``url``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        try:
+            self.engine = create_engine(url, **kwargs)
+            if url.startswith("sqlite"):
+                event.listen(self.engine, "connect", self._sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open state database: {exc}") from None
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @staticmethod
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    # -- writes (orchestrator) ---------------------------------------------------
+
+    def create_rollout(self, *, id: str, project: str, environment: str, ref: str, user: str,
+                       hosts: list[str], state: str = "queued",
+                       reason: str | None = None) -> bool:
+        """Record a new rollout; False if ``id`` already exists (a redelivery)."""
+        with self.session.begin() as s:
+            if s.get(Rollout, id) is not None:
+                return False
+            s.add(Rollout(id=id, project=project, environment=environment, ref=ref, user=user,
+                          state=state, reason=reason))
+            for i, h in enumerate(hosts):
+                s.add(HostStep(rollout_id=id, host=h, position=i))
+        return True
+
+    def set_rollout(self, id: str, *, state: str, reason: str | None = None) -> None:
+        with self.session.begin() as s:
+            r = s.get(Rollout, id)
+            if r is not None:
+                r.state, r.reason, r.updated_at = state, reason, utcnow()
+
+    def set_step(self, rollout_id: str, host: str, **fields: Any) -> None:
+        with self.session.begin() as s:
+            step = s.scalar(select(HostStep).where(HostStep.rollout_id == rollout_id,
+                                                   HostStep.host == host))
+            if step is not None:
+                for k, v in fields.items():
+                    setattr(step, k, v)
+                step.updated_at = utcnow()
+
+    def add_log(self, rollout_id: str, host: str, step: str, text: str) -> None:
+        with self.session.begin() as s:
+            s.add(LogLine(rollout_id=rollout_id, host=host, step=step, text=text))
+
+    def record_presence(self, name: str, info: dict[str, Any]) -> None:
+        with self.session.begin() as s:
+            h = s.get(Host, name)
+            if h is None:
+                s.add(Host(name=name, last_seen=utcnow(), info=info))
+            else:
+                h.last_seen, h.info = utcnow(), info
+
+    # -- reads (web, CLI) ----------------------------------------------------------
+
+    def rollout(self, id: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            r = s.get(Rollout, id)
+            if r is None:
+                return None
+            logs = s.scalars(select(LogLine).where(LogLine.rollout_id == id)
+                             .order_by(LogLine.id)).all()
+            return self._rollout_dict(r) | {
+                "logs": [{"host": ln.host, "step": ln.step, "at": _aware(ln.at).isoformat(),
+                          "text": ln.text} for ln in logs]}
+
+    def rollouts(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit))
+            return [self._rollout_dict(r) for r in rows]
+
+    def hosts(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            return [{"name": h.name, "last_seen": _aware(h.last_seen).isoformat(),
+                     "age": (utcnow() - _aware(h.last_seen)).total_seconds(), "info": h.info}
+                    for h in s.scalars(select(Host).order_by(Host.name))]
+
+    @staticmethod
+    def _rollout_dict(r: Rollout) -> dict[str, Any]:
+        return {
+            "id": r.id, "project": r.project, "environment": r.environment, "ref": r.ref,
+            "user": r.user, "state": r.state, "reason": r.reason,
+            "created_at": _aware(r.created_at).isoformat(),
+            "updated_at": _aware(r.updated_at).isoformat(),
+            "hosts": [{"host": st.host, "state": st.state, "release": st.release,
+                       "commit": st.commit, "message": st.message} for st in r.steps],
+        }

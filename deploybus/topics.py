@@ -1,0 +1,33 @@
+"""Topic and queue names: the wiring diagram of docs/architecture.md in code."""
+
+#: ``git.push`` from hooks and webhooks.
+GIT_COMMITS = "git.commits"
+#: ``ci.build`` started/succeeded/failed from the CI bridge.
+CI_EVENTS = "ci.events"
+#: ``deploy.rollout`` asked for by the CLI, the API and the web.
+ROLLOUTS = "deploy.rollouts"
+#: ``deploy.progress``, ``deploy.result`` and ``deploy.rollout.status``.
+EVENTS = "deploy.events"
+#: ``presence`` heartbeats.
+PRESENCE = "presence"
+#: ``package.update`` for the fetcher's apt-get update.
+PACKAGES = "packages"
+
+
+def requests_for(host: str) -> str:
+    """Topic of ``deploy.request`` messages for one host."""
+    return f"deploy.requests.{host}"
+
+
+def agent_queue(host: str) -> str:
+    return f"agent-{host}"
+
+
+def fetcher_queue(host: str) -> str:
+    return f"fetcher-{host}"
+
+
+#: Durable queues of the orchestrator.
+ORCHESTRATOR_ROLLOUTS = "orchestrator-rollouts"
+ORCHESTRATOR_EVENTS = "orchestrator-events"
+ORCHESTRATOR_PRESENCE = "orchestrator-presence"
