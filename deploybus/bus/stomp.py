@@ -47,6 +47,11 @@ from deploybus.errors import BusConnectionError, BusError
 
 log = structlog.get_logger("deploybus.bus.stomp")
 
+#: Frame headers the broker sets; not copied when a message is handed back.
+_BROKER_HEADERS = frozenset({"ack", "subscription", "message-id", "destination", "redelivered",
+                             "content-length", "expires", "priority", "timestamp",
+                             "original-destination", "persistent"})
+
 #: How long publish() waits for a connection and the broker's receipt.
 PUBLISH_TIMEOUT = 30.0
 
@@ -77,16 +82,26 @@ class _Sub(Subscription):
                 topic=t._topic_of(frame.headers.get("destination", ""), self.topic),
                 body=frame.body if isinstance(frame.body, bytes) else frame.body.encode(),
                 headers=dict(frame.headers),
-                redelivered=frame.headers.get("redelivered") == "true",
+                redelivered=frame.headers.get("redelivered") == "true"
+                or frame.headers.get("x-deploybus-redelivered") == "true",
                 _ack=lambda g=gen, a=ack_id: t._settle(g, a, self.id, ack=True),
-                _nack=lambda requeue, g=gen, a=ack_id: t._settle(g, a, self.id, ack=False,
-                                                                 requeue=requeue),
+                _nack=lambda requeue, g=gen, a=ack_id, f=frame: t._settle(
+                    g, a, self.id, ack=False, requeue=requeue, resend=self._resend(f)),
             )
             try:
                 self.handler(delivery)
             except Exception:
                 log.exception("handler raised; message dropped", topic=self.topic)
                 delivery.nack(requeue=False)
+
+    def _resend(self, frame: Any) -> tuple[str, bytes, dict[str, str]] | None:
+        """Where and what to send to hand a message back on ActiveMQ (durable only)."""
+        if not self.queue:
+            return None
+        dest, _ = self.transport._sub_dest(self)
+        keep = {k: v for k, v in frame.headers.items()
+                if k not in _BROKER_HEADERS and not k.startswith("activemq")}
+        return dest, frame.body, keep
 
     def cancel(self) -> None:
         if self.cancelled:
@@ -111,7 +126,7 @@ class _Listener(stomp.ConnectionListener):
             sub.inbox.put((self.gen, frame))
 
     def on_receipt(self, frame: Any) -> None:
-        waiter = self.t._receipts.get(frame.headers.get("receipt-id", ""))
+        waiter = self.t._receipts.pop(frame.headers.get("receipt-id", ""), None)
         if waiter is not None:
             waiter.set()
 
@@ -198,8 +213,12 @@ class StompTransport(Transport):
             self._conn = conn
             if self.flavor == "auto":
                 self.flavor = "activemq" if "activemq" in self._server.lower() else "rabbitmq"
-            for sub in list(self._subs.values()):
-                self._send_subscribe(conn, sub)
+            waiters = [self._send_subscribe(conn, sub) for sub in list(self._subs.values())]
+        for waiter in waiters:
+            waiter.wait(PUBLISH_TIMEOUT)
+        with self._lock:
+            if gen != self._gen:
+                raise BusConnectionError("connection lost while subscribing")
             self._connected.set()
         log.info("stomp connected", host=self.host, port=self.port, server=self._server,
                  subscriptions=len(self._subs))
@@ -270,9 +289,13 @@ class StompTransport(Transport):
             name = name[len(self.prefix):]
         return name or fallback
 
-    def _send_subscribe(self, conn: stomp.Connection12, sub: _Sub) -> None:
+    def _send_subscribe(self, conn: stomp.Connection12, sub: _Sub) -> threading.Event:
+        """SUBSCRIBE with a receipt; the returned event is set once the broker has it."""
         dest, headers = self._sub_dest(sub)
-        conn.subscribe(dest, sub.id, ack="client-individual", headers=headers)
+        rid = uuid.uuid4().hex
+        waiter = self._receipts[rid] = threading.Event()
+        conn.subscribe(dest, sub.id, ack="client-individual", headers={**headers, "receipt": rid})
+        return waiter
 
     # -- Transport API -----------------------------------------------------------
 
@@ -314,13 +337,18 @@ class StompTransport(Transport):
         with self._lock:
             self._subs[sub.id] = sub
             conn = self._conn if self._connected.is_set() else None
+            waiter = None
             if conn is not None:
                 try:
-                    self._send_subscribe(conn, sub)
+                    waiter = self._send_subscribe(conn, sub)
                 except stomp.exception.StompException:
                     self._lost(self._gen)  # resubscribed on reconnect
         self._start()
-        if conn is None:
+        if waiter is not None:
+            # Live on return: what is published after subscribe() reaches us.
+            if not waiter.wait(PUBLISH_TIMEOUT):
+                log.warning("no receipt for SUBSCRIBE; continuing", topic=topic)
+        else:
             # Wait for the first connection so a subscriber is live on return.
             try:
                 self._ready(PUBLISH_TIMEOUT)
@@ -358,7 +386,8 @@ class StompTransport(Transport):
                 pass
 
     def _settle(self, gen: int, ack_id: str | None, sub_id: str, *, ack: bool,
-                requeue: bool = True) -> None:
+                requeue: bool = True,
+                resend: tuple[str, bytes, dict[str, str]] | None = None) -> None:
         with self._lock:
             conn = self._conn
             if gen != self._gen or conn is None or ack_id is None:
@@ -366,7 +395,14 @@ class StompTransport(Transport):
         try:
             if ack:
                 conn.ack(ack_id)
-            elif self._amq() or requeue:
+            elif requeue and self._amq() and resend is not None:
+                # ActiveMQ sends every NACKed message to its DLQ; to hand a
+                # message back, put it on the consumer's own queue again.
+                dest, body, headers = resend
+                conn.send(dest, body, headers={**headers, "persistent": "true",
+                                               "x-deploybus-redelivered": "true"})
+                conn.ack(ack_id)
+            elif requeue or self._amq():
                 conn.nack(ack_id)
             else:
                 conn.nack(ack_id, requeue="false")
