@@ -34,6 +34,10 @@ from deploybus.runner import (
 
 DEFAULT_CONFIG = "/etc/deploybus/deploybus.yaml"
 
+#: Seconds the post-receive hook tries to publish before giving up (never
+#: hold a push hostage to the bus).
+HOOK_PUBLISH_TIMEOUT = 5.0
+
 #: How long a deploy.rollout may wait for the orchestrator before it expires.
 ROLLOUT_TTL = 3600
 
@@ -209,12 +213,14 @@ def _print_event(env: envelope.Envelope) -> None:
 @click.argument("ref")
 @click.option("--env", "environment", required=True, help="Environment to deploy to.")
 @click.option("--hosts", default=None, help="Comma-separated subset of the environment's hosts.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Hosts deployed at once (default: the environment's 'parallel', 1).")
 @click.option("--user", default=None, help="Who asks (default: your login name).")
 @click.option("--wait/--no-wait", default=False, help="Follow progress until the rollout ends.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @pass_state
 def deploy(state: State, project: str, ref: str, environment: str, hosts: str | None,
-           user: str | None, wait: bool, timeout: float) -> None:
+           parallel: int | None, user: str | None, wait: bool, timeout: float) -> None:
     """Ask the orchestrator to roll REF of PROJECT out to ENV.
 
     With --wait, prints per-host progress and exits 0 only when every host
@@ -267,7 +273,7 @@ def deploy(state: State, project: str, ref: str, environment: str, hosts: str | 
     try:
         sub = bus.subscribe(topics.EVENTS, on_event) if wait else None
         body = {"rollout": rollout, "project": project, "environment": environment, "ref": ref,
-                "hosts": host_list, "user": user or getpass.getuser()}
+                "hosts": host_list, "parallel": parallel, "user": user or getpass.getuser()}
         env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
                            correlation=rollout, ttl=ROLLOUT_TTL)
         bus.publish(topics.ROLLOUTS, key.sign(env).encode())
@@ -409,13 +415,14 @@ def notify_push(state: State, project: str) -> None:
     try:
         cfg = state.config
         key = cfg.load_signing_key() if cfg.signing_key else None
-        bus = connect(cfg.bus_url, client_name=f"hook-{project}")
+        bus = connect(cfg.bus_url, client_name=f"hook-{project}",
+                      publish_timeout=HOOK_PUBLISH_TIMEOUT)
         try:
             n = publish_pushes(bus, bodies, sender=f"hook@{socket.gethostname()}", signing_key=key)
         finally:
             bus.close()
         click.echo(f"deploybus: published {n} push event(s) for {project}", err=True)
-    except (DeployBusError, SystemExit) as exc:
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
         # Never fail the push: the mirrors catch up on the next fetch.
         click.echo(f"deploybus: warning: push event not published: {exc}", err=True)
 

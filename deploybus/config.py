@@ -8,7 +8,7 @@ Layout (every key is documented in docs/configuration.md)::
     defaults:     {root, state_dir}          # per-host defaults
     hosts:        {name: {root, state_dir}}  # optional per-host overrides
     projects:     {name: {git, scripts: {pre, post}, script_timeout, keep}}
-    environments: {name: {hosts: [..], projects: [..], request_timeout}}
+    environments: {name: {hosts: [..], projects: [..], request_timeout, parallel}}
 
 Relative paths are taken relative to the directory of the config file.
 """
@@ -45,6 +45,7 @@ class EnvironmentConfig:
     hosts: list[str]
     projects: list[str] | None = None
     request_timeout: float = 900.0
+    parallel: int = 1
 
 
 @dataclass
@@ -278,7 +279,7 @@ def parse(text: str, path: Path) -> Config:
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
         c.name(name, at)
-        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout"))
+        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "parallel"))
         if "hosts" not in ev:
             raise c.fail(at, "missing key 'hosts'")
         hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
@@ -292,5 +293,6 @@ def parse(text: str, path: Path) -> Config:
         cfg.environments[name] = EnvironmentConfig(
             name=name, hosts=hosts, projects=projects,
             request_timeout=c.number(ev.get("request_timeout", 900),
-                                     at + ("request_timeout",), minimum=1))
+                                     at + ("request_timeout",), minimum=1),
+            parallel=int(c.number(ev.get("parallel", 1), at + ("parallel",), minimum=1)))
     return cfg

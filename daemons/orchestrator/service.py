@@ -2,9 +2,11 @@
 
 It takes signed ``deploy.rollout`` messages, checks them against the config
 and the signer policy, records the rollout in the store, and runs it in a
-thread of its own: one host after another, each sent a signed
-``deploy.request`` that expires after the environment's ``request_timeout``,
-stopping at the first host that fails, refuses or does not answer. Agents'
+thread of its own: one host after another (or up to ``parallel`` hosts at a
+time, from the environment or the rollout), each sent a signed
+``deploy.request`` that expires after the environment's ``request_timeout``;
+no new host is started after the first that fails, refuses or does not
+answer. Agents'
 ``deploy.progress`` and ``deploy.result`` events are written to the store and
 wake the rollout thread; ``deploy.rollout.status`` events tell watchers
 (the CLI's ``--wait``, the web) where the rollout stands.
@@ -16,6 +18,7 @@ build on this in the next issue; see docs/architecture.md.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from deploybus import envelope, topics
@@ -106,6 +109,9 @@ class Orchestrator(Service):
             if unknown:
                 raise DeployBusError(f"hosts not in {environment}: {', '.join(unknown)}")
             hosts = list(dict.fromkeys(hosts))
+            parallel = body.get("parallel") or ec.parallel
+            if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+                raise DeployBusError("parallel must be a whole number of hosts >= 1")
         except DeployBusError as exc:
             self.ctx.stats.incr("refused")
             self.log.warning("rollout refused", rollout=rollout, reason=str(exc))
@@ -125,7 +131,7 @@ class Orchestrator(Service):
                       environment=environment, hosts=hosts, user=user, signer=signer)
         t = threading.Thread(target=self.run_rollout, name=f"rollout-{rollout}", daemon=True,
                              args=(rollout, project, environment, ref, user, hosts,
-                                   ec.request_timeout))
+                                   ec.request_timeout, parallel))
         self.threads.append(t)
         t.start()
 
@@ -152,48 +158,68 @@ class Orchestrator(Service):
 
     # -- the rollout -------------------------------------------------------------------
 
-    def wait_result(self, rollout: str, host: str, timeout: float) -> dict[str, Any] | None:
-        with self.cond:
-            self.cond.wait_for(lambda: (rollout, host) in self.results
-                               or self.stopping.is_set(), timeout)
-            return self.results.pop((rollout, host), None)
-
     def run_rollout(self, rollout: str, project: str, environment: str, ref: str, user: str,
-                    hosts: list[str], timeout: float) -> None:
+                    hosts: list[str], timeout: float, parallel: int) -> None:
         try:
-            self._run(rollout, project, environment, ref, user, hosts, timeout)
+            self._run(rollout, project, environment, ref, user, hosts, timeout, parallel)
         except Exception as exc:  # a rollout thread never dies silently
             self.log.exception("rollout crashed", rollout=rollout)
             self.status(rollout, "failed", f"orchestrator error: {exc}")
 
     def _run(self, rollout: str, project: str, environment: str, ref: str, user: str,
-             hosts: list[str], timeout: float) -> None:
-        self.status(rollout, "running", hosts=hosts, project=project, ref=ref)
-        for i, host in enumerate(hosts):
-            self.store.set_step(rollout, host, state="requested")
-            self.send(topics.requests_for(host), "deploy.request",
-                      {"rollout": rollout, "project": project, "environment": environment,
-                       "ref": ref, "host": host, "user": user, "position": i},
-                      correlation=rollout, ttl=timeout)
-            result = self.wait_result(rollout, host, timeout)
-            if self.stopping.is_set() and result is None:
+             hosts: list[str], timeout: float, parallel: int) -> None:
+        """At most ``parallel`` hosts in flight; after the first failure no host
+        is started, the ones in flight are waited for, the rest skipped."""
+        self.status(rollout, "running", hosts=hosts, project=project, ref=ref, parallel=parallel)
+        pending = list(hosts)
+        inflight: dict[str, float] = {}  # host -> deadline
+        failure: str | None = None
+        done = 0
+        while pending or inflight:
+            while pending and failure is None and len(inflight) < parallel:
+                host = pending.pop(0)
+                self.store.set_step(rollout, host, state="requested")
+                self.send(topics.requests_for(host), "deploy.request",
+                          {"rollout": rollout, "project": project, "environment": environment,
+                           "ref": ref, "host": host, "user": user,
+                           "position": hosts.index(host)},
+                          correlation=rollout, ttl=timeout)
+                inflight[host] = time.monotonic() + timeout
+            if not inflight:
+                break
+            with self.cond:
+                self.cond.wait_for(
+                    lambda: self.stopping.is_set()
+                    or any((rollout, h) in self.results for h in inflight),
+                    max(0.0, min(inflight.values()) - time.monotonic()))
+                answered = {h: self.results.pop((rollout, h)) for h in list(inflight)
+                            if (rollout, h) in self.results}
+            if self.stopping.is_set() and not answered:
                 return  # a restart picks it up again (next issue: resume)
-            if result is None:
-                result = {"status": "failed",
-                          "reason": f"no answer from {host} within {timeout:.0f}s"}
-            state = result.get("status")
-            self.store.set_step(rollout, host, state=str(state), release=result.get("release"),
-                                commit=result.get("commit"), message=result.get("reason"))
-            self.send(topics.EVENTS, "deploy.rollout.status",
-                      {"rollout": rollout, "state": "running", "host": host,
-                       "host_state": state, "reason": result.get("reason"),
-                       "done": i + 1, "total": len(hosts)}, correlation=rollout)
-            if state != "succeeded":
-                for rest in hosts[i + 1:]:
-                    self.store.set_step(rollout, rest, state="skipped")
-                self.status(rollout, "failed", f"{host}: {state}: {result.get('reason')}",
-                            failed_host=host)
-                return
+            now = time.monotonic()
+            for host in list(inflight):
+                result = answered.get(host)
+                if result is None and inflight[host] > now:
+                    continue
+                del inflight[host]
+                if result is None:
+                    result = {"status": "failed",
+                              "reason": f"no answer from {host} within {timeout:.0f}s"}
+                state = str(result.get("status"))
+                done += 1
+                self.store.set_step(rollout, host, state=state, release=result.get("release"),
+                                    commit=result.get("commit"), message=result.get("reason"))
+                self.send(topics.EVENTS, "deploy.rollout.status",
+                          {"rollout": rollout, "state": "running", "host": host,
+                           "host_state": state, "reason": result.get("reason"),
+                           "done": done, "total": len(hosts)}, correlation=rollout)
+                if state != "succeeded" and failure is None:
+                    failure = f"{host}: {state}: {result.get('reason')}"
+        if failure is not None:
+            for rest in pending:
+                self.store.set_step(rollout, rest, state="skipped")
+            self.status(rollout, "failed", failure)
+            return
         self.status(rollout, "succeeded", hosts=hosts)
 
 

@@ -29,19 +29,22 @@ __all__ = [
 SCHEMES = ("memory", "stomp", "stomp+ssl", "amqp", "amqps")
 
 
-def connect(url: str, *, client_name: str = "deploybus") -> Transport:
+def connect(url: str, *, client_name: str = "deploybus",
+            publish_timeout: float = 30.0) -> Transport:
     """Open the transport ``url`` names. Connecting is lazy where the driver
-    allows it; reconnects happen inside the transport for as long as it lives."""
+    allows it; reconnects happen inside the transport for as long as it lives.
+    ``publish_timeout`` bounds how long a publish keeps trying while the broker
+    is unreachable before it raises :class:`BusConnectionError`."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from deploybus.bus.memory import MemoryTransport
         return MemoryTransport(url)
     if scheme in ("stomp", "stomp+ssl"):
         from deploybus.bus.stomp import StompTransport
-        return StompTransport(url, client_name=client_name)
+        return StompTransport(url, client_name=client_name, publish_timeout=publish_timeout)
     if scheme in ("amqp", "amqps"):
         from deploybus.bus.amqp import AmqpTransport
-        return AmqpTransport(url, client_name=client_name)
+        return AmqpTransport(url, client_name=client_name, publish_timeout=publish_timeout)
     raise UnsupportedURL(f"unsupported bus URL scheme {scheme!r} in {redact(url)!r}; "
                          f"use one of {', '.join(s + '://' for s in SCHEMES)}")
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import kombu
+import kombu.exceptions
 import structlog
 
 from deploybus.bus.base import (
@@ -36,8 +37,9 @@ from deploybus.errors import BusConnectionError
 
 log = structlog.get_logger("deploybus.bus.amqp")
 
-#: How long publish() keeps retrying while the broker is unreachable.
-PUBLISH_RETRIES = 40
+#: Errors kombu raises besides the transport's own connection/channel errors.
+_DRIVER_ERRORS = (OSError, kombu.exceptions.OperationalError)
+
 
 
 class _Sub(Subscription):
@@ -80,7 +82,7 @@ class _Sub(Subscription):
                             conn.drain_events(timeout=1)
                         except socket.timeout:
                             conn.heartbeat_check()
-            except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+            except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self.ready.clear()
                 if self.stop.is_set():
                     break
@@ -129,8 +131,12 @@ class _Sub(Subscription):
 class AmqpTransport(Transport):
     """AMQP transport; see the module docstring."""
 
-    def __init__(self, url: str, *, client_name: str = "deploybus") -> None:
+    def __init__(self, url: str, *, client_name: str = "deploybus",
+                 publish_timeout: float = 30.0) -> None:
         self.url = url
+        # kombu counts retries, not seconds: with the policy below a retry
+        # costs about two seconds once the interval has grown.
+        self.publish_retries = max(1, int(publish_timeout / 2))
         parts = urlsplit(url)
         q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         self.prefix = q.pop("prefix", "")
@@ -165,11 +171,11 @@ class AmqpTransport(Transport):
                     delivery_mode=2, headers=dict(headers or {}),
                     content_type="application/json", content_encoding="binary",
                     retry=True, declare=[],
-                    retry_policy={"max_retries": PUBLISH_RETRIES, "interval_start": 0.2,
+                    retry_policy={"max_retries": self.publish_retries, "interval_start": 0.2,
                                   "interval_step": 0.5, "interval_max": 2,
                                   "errback": self._errback},
                 )
-            except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+            except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self._drop_pub()
                 raise BusConnectionError(f"publish to {topic!r} failed: {exc}") from None
 
@@ -199,7 +205,7 @@ class AmqpTransport(Transport):
             conn.ensure_connection(max_retries=3)
             with conn.channel() as channel:
                 q(channel).declare()
-        except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+        except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
             raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
         finally:
             conn.release()

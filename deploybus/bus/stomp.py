@@ -145,8 +145,10 @@ class _Listener(stomp.ConnectionListener):
 class StompTransport(Transport):
     """STOMP transport; see the module docstring."""
 
-    def __init__(self, url: str, *, client_name: str = "deploybus") -> None:
+    def __init__(self, url: str, *, client_name: str = "deploybus",
+                 publish_timeout: float = PUBLISH_TIMEOUT) -> None:
         self.url = url
+        self.publish_timeout = publish_timeout
         parts = urlsplit(url)
         q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         self.host = parts.hostname or "127.0.0.1"
@@ -302,11 +304,11 @@ class StompTransport(Transport):
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         check_topic(topic)
         deadline = threading.Event()
-        timer = threading.Timer(PUBLISH_TIMEOUT, deadline.set)
+        timer = threading.Timer(self.publish_timeout, deadline.set)
         timer.start()
         try:
             while not deadline.is_set():
-                conn = self._ready(PUBLISH_TIMEOUT)
+                conn = self._ready(self.publish_timeout)
                 rid = uuid.uuid4().hex
                 waiter = self._receipts[rid] = threading.Event()
                 gen = self._gen
@@ -326,7 +328,7 @@ class StompTransport(Transport):
                 finally:
                     self._receipts.pop(rid, None)
             raise BusConnectionError(f"publish to {topic!r} not confirmed within "
-                                     f"{PUBLISH_TIMEOUT:.0f}s")
+                                     f"{self.publish_timeout:.0f}s")
         finally:
             timer.cancel()
 

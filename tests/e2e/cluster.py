@@ -1,0 +1,175 @@
+"""A deploybus installation on this machine: a bare repo with the hook, a
+config, keys, and daemons as separate processes for several hosts, each with
+its own deploy root and state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from deploybus.signing import SigningKey
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "tester", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "tester", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+
+def git(*args: str, cwd: Path) -> str:
+    r = subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV},
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {r.stderr}")
+    return r.stdout + r.stderr
+
+
+class Daemon:
+    """One daemon process; its log lines are kept and searched."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "deploybus.cli", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env, text=True)
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if '"event": "ready"' in line:
+                self.ready.set()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Cluster:
+    def __init__(self, base: Path, bus_url: str, hosts: list[str]) -> None:
+        self.base, self.bus_url, self.hosts = base, bus_url, hosts
+        self.daemons: list[Daemon] = []
+        self.env = {**os.environ, "DEPLOYBUS_LOG_LEVEL": "info", **GIT_ENV}
+        self.bare = base / "git" / "app.git"
+        self.work = base / "work"
+        self.keys = base / "keys"
+        self.config = base / "deploybus.yaml"
+
+    def root(self, host: str) -> Path:
+        return self.base / "hosts" / host / "srv"
+
+    def state(self, host: str) -> Path:
+        return self.base / "hosts" / host / "state"
+
+    def current(self, host: str, project: str = "app") -> Path:
+        return self.root(host) / project / "current"
+
+    def setup(self) -> None:
+        SigningKey.generate("deployer").save(self.keys)
+        self.bare.parent.mkdir(parents=True)
+        git("init", "--bare", "-q", str(self.bare), cwd=self.base)
+        self.work.mkdir()
+        git("init", "-q", "-b", "main", cwd=self.work)
+        git("remote", "add", "origin", str(self.bare), cwd=self.work)
+        hosts_yaml = "".join(f"  {h}:\n    root: {self.root(h)}\n    state_dir: {self.state(h)}\n"
+                             for h in self.hosts)
+        self.config.write_text(f"""\
+bus:
+  url: "{self.bus_url}"
+keys:
+  signing: keys/deployer.key
+  trusted:
+    deployer: keys/deployer.pub
+  policy:
+    - signer: deployer
+      projects: ["*"]
+      environments: ["*"]
+state:
+  url: sqlite:///state.db
+hosts:
+{hosts_yaml}projects:
+  app:
+    git: {self.bare}
+    scripts:
+      pre: echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"
+      post: test -f VERSION && echo "post $DEPLOYBUS_COMMIT"
+  broken:
+    git: {self.bare}
+    scripts:
+      post: echo "smoke test failed" && exit 3
+environments:
+  prod:
+    hosts: [{", ".join(self.hosts)}]
+    request_timeout: 60
+""")
+        out = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
+                              "hook", "install", str(self.bare), "--project", "app"],
+                             env=self.env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+    def commit_and_tag(self, tag: str) -> str:
+        (self.work / "VERSION").write_text(tag + "\n")
+        for i in range(5):
+            (self.work / f"file{i}.txt").write_text(f"{tag} {i}\n" * 50)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "-m", f"release {tag}", cwd=self.work)
+        git("tag", tag, cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work).strip()
+
+    def push(self, *refs: str) -> str:
+        return git("push", "-q", "origin", *refs, cwd=self.work)
+
+    def start(self, name: str, *args: str) -> Daemon:
+        d = Daemon(name, ["-c", str(self.config), *args], self.env)
+        self.daemons.append(d)
+        return d
+
+    def start_all(self) -> None:
+        started = [self.start("orchestrator", "orchestrator")]
+        for h in self.hosts:
+            started.append(self.start(f"fetcher-{h}", "fetcher", "--host", h))
+            started.append(self.start(f"agent-{h}", "agent", "--host", h))
+        for d in started:
+            if not d.ready.wait(60):
+                raise AssertionError(f"{d.name} not ready:\n{''.join(d.lines[-30:])}")
+
+    def deploy(self, project: str, ref: str, *extra: str,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
+                               "deploy", project, ref, "--env", "prod", "--wait",
+                               "--timeout", str(timeout), *extra],
+                              env=self.env, capture_output=True, text=True, timeout=timeout + 30)
+
+    def stop(self) -> None:
+        for d in reversed(self.daemons):
+            d.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.name} ---\n{''.join(d.lines[-40:])}" for d in self.daemons)
+
+    def audit(self, host: str) -> list[dict]:
+        path = self.state(host) / "audit.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
