@@ -257,7 +257,7 @@ def parse(text: str, path: Path) -> Config:
             name,
             c.path_value(h["root"], at + ("root",)) if "root" in h else cfg.default_root,
             c.path_value(h["state_dir"], at + ("state_dir",)) if "state_dir" in h
-            else cfg.default_state_dir / name)
+            else cfg.default_state_dir)
 
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))

@@ -85,7 +85,8 @@ class Dispatcher:
         self.stats.incr("deadlettered")
         d.ack()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel every subscription, waiting up to ``timeout`` for handlers in progress."""
         for sub in self.subscriptions:
-            sub.cancel()
+            sub.cancel(timeout)
         self.subscriptions.clear()

@@ -101,7 +101,7 @@ def new(type: str, body: dict[str, Any], *, sender: str, correlation: str | None
     t = at or now()
     return Envelope(
         v=SCHEMA_VERSION, id=uuid.uuid4().hex, type=type, at=fmt_time(t),
-        expires=fmt_time(t + timedelta(seconds=ttl)) if ttl else None,
+        expires=fmt_time(t + timedelta(seconds=ttl)) if ttl is not None else None,
         sender=sender, correlation=correlation, body=body,
     )
 
@@ -124,8 +124,8 @@ def decode(raw: bytes) -> Envelope:
         raise EnvelopeError(f"message of {len(raw)} bytes exceeds {MAX_SIZE}")
     try:
         d = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EnvelopeError(f"not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EnvelopeError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(d, dict):
         raise EnvelopeError("not a JSON object")
     v = _require(d, "v", int)
@@ -151,5 +151,10 @@ def decode(raw: bytes) -> Envelope:
     sig = _require(d, "sig", dict, optional=True)
     if sig is not None and not all(isinstance(sig.get(k), str) for k in ("alg", "key", "value")):
         raise EnvelopeError("sig must have string alg, key and value")
-    return Envelope(v=v, id=mid, type=mtype, at=at, expires=expires, sender=sender,
-                    correlation=correlation, body=body, sig=sig)
+    env = Envelope(v=v, id=mid, type=mtype, at=at, expires=expires, sender=sender,
+                   correlation=correlation, body=body, sig=sig)
+    try:
+        env.signing_bytes()
+    except UnicodeEncodeError:
+        raise EnvelopeError("message contains unpaired surrogates") from None
+    return env

@@ -132,10 +132,10 @@ class ReplayCache:
             for line in self.path.read_text().splitlines():
                 try:
                     mid, until = json.loads(line)
-                except ValueError:
+                    if until > t:
+                        self.seen[str(mid)] = float(until)
+                except (ValueError, TypeError):
                     continue  # a torn last line after a crash
-                if until > t:
-                    self.seen[mid] = until
             self._rewrite()
 
     def _rewrite(self) -> None:
@@ -183,8 +183,7 @@ class Verifier:
             raise SignatureError(f"bad signature (tampered message or wrong key {name})") from None
         return name
 
-    def verify(self, env: Envelope, *, project: str | None = None,
-               environment: str | None = None) -> str:
+    def verify(self, env: Envelope, *, project: str, environment: str) -> str:
         """Full check for an action-causing message; returns the signer's name."""
         name = self.signer(env)
         t = now()
@@ -198,8 +197,7 @@ class Verifier:
             raise ExpiredError(f"expiry is more than {MAX_TTL} after sending")
         if expires <= t:
             raise ExpiredError(f"message expired at {env.expires}")
-        if project is not None and environment is not None and not any(
-                r.allows(name, project, environment) for r in self.policy):
+        if not any(r.allows(name, project, environment) for r in self.policy):
             raise SignatureError(f"signer {name!r} may not deploy {project!r} to {environment!r}")
         self.replay.check_and_add(env.id, expires.timestamp() + self.skew.total_seconds())
         return name

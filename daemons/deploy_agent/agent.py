@@ -51,7 +51,7 @@ class DeployAgent(Service):
         self.log.info("agent ready", root=str(self.root), state_dir=str(self.state_dir))
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
-        self.dispatcher.close()
+        self.dispatcher.close(timeout)
 
     # -- events ------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class Orchestrator(Service):
                                   queue=topics.ORCHESTRATOR_ROLLOUTS, types={"deploy.rollout"})
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
-        self.dispatcher.close()
+        self.dispatcher.close(timeout)
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()

@@ -48,7 +48,7 @@ class RepoFetcher(Service):
                                   queue=topics.fetcher_queue(self.ctx.host), types={"git.push"})
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
-        self.dispatcher.close()
+        self.dispatcher.close(timeout)
 
     def on_push(self, env: Envelope, _d: Delivery) -> None:
         project = env.body.get("project")

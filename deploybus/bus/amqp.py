@@ -122,10 +122,10 @@ class _Sub(Subscription):
             log.exception("handler raised; message dropped", topic=self.topic)
             delivery.nack(requeue=False)
 
-    def cancel(self) -> None:
+    def cancel(self, timeout: float = 5.0) -> None:
         self.stop.set()
         if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=5)
+            self.thread.join(timeout=timeout)
 
 
 class AmqpTransport(Transport):

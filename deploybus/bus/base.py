@@ -76,7 +76,9 @@ class Subscription(abc.ABC):
     """A live subscription; :meth:`cancel` stops delivery to its handler."""
 
     @abc.abstractmethod
-    def cancel(self) -> None: ...
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Stop delivering; wait up to ``timeout`` seconds for a handler call
+        in progress to return. Unacked messages go back to the broker."""
 
 
 class Transport(abc.ABC):
@@ -123,6 +125,8 @@ def topic_regex(pattern: str) -> re.Pattern[str]:
     rx = r"\.".join(parts)
     # "a.#" must match "a" too: let the dot before a trailing # be optional.
     rx = rx.replace(r"\.(?:[^.]+(?:\.[^.]+)*)?", r"(?:\.[^.]+(?:\.[^.]+)*)?")
+    # "#.c" must match "c" too: a leading # may swallow its dot.
+    rx = rx.replace(r"(?:[^.]+(?:\.[^.]+)*)?\.", r"(?:[^.]+\.)*")
     return re.compile(rf"^{rx}$")
 
 

@@ -131,11 +131,15 @@ class _MemorySubscription(Subscription):
                 log.exception("handler raised; message dropped", queue=self.q.name)
                 delivery.nack(requeue=False)
 
-    def cancel(self) -> None:
+    def cancel(self, timeout: float = 5.0) -> None:
         with self.q.cond:
             if self.stopped:
                 return
             self.stopped = True
+            self.q.cond.notify_all()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=timeout)
+        with self.q.cond:
             # Like a broker on a closed channel: what was not acked goes back.
             for tag in sorted(self.unacked, reverse=True):
                 msg = self.unacked.pop(tag)
@@ -143,8 +147,6 @@ class _MemorySubscription(Subscription):
                 self.q.messages.appendleft(msg)
             self.q.consumers -= 1
             self.q.cond.notify_all()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=5)
         if not self.q.durable:
             self.broker.drop(self.q)
 

@@ -103,14 +103,15 @@ class _Sub(Subscription):
                 if k not in _BROKER_HEADERS and not k.startswith("activemq")}
         return dest, frame.body, keep
 
-    def cancel(self) -> None:
+    def cancel(self, timeout: float = 5.0) -> None:
         if self.cancelled:
             return
         self.cancelled = True
-        self.transport._unsubscribe(self)
         self.inbox.put(None)
+        # Let the handler in progress finish and ack before the broker is told.
         if threading.current_thread() is not self.worker:
-            self.worker.join(timeout=5)
+            self.worker.join(timeout=timeout)
+        self.transport._unsubscribe(self)
 
 
 class _Listener(stomp.ConnectionListener):

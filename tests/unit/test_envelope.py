@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -207,6 +207,6 @@ def test_decoded_envelope_can_be_encoded_again():
 
 
 def test_fmt_time_is_utc_with_z():
-    t = datetime(2026, 5, 1, 14, 0, tzinfo=UTC).astimezone(
-        __import__("datetime").timezone(timedelta(hours=2)))
+    t = datetime(2026, 5, 1, 14, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
+    assert t.hour == 16
     assert envelope.fmt_time(t) == "2026-05-01T14:00:00.000000Z"

@@ -1,0 +1,352 @@
+"""deploybus.config: a full config parses; errors name file, line and key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deploybus import config
+from deploybus.errors import ConfigError
+from deploybus.signing import PolicyRule, SigningKey, key_id, public_line
+
+
+def write(tmp_path: Path, text: str, name: str = "deploybus.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).lstrip("\n"))
+    return p
+
+
+def error(tmp_path: Path, text: str) -> ConfigError:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(p)
+    return info.value
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, SigningKey]:
+    ci, ops = SigningKey.generate("ci"), SigningKey.generate("ops")
+    ci.save(tmp_path / "keys")
+    return {"ci": ci, "ops": ops}
+
+
+def test_full_config(tmp_path, keys):
+    ops_line = public_line(keys["ops"].public, "ops")
+    p = write(tmp_path, f"""
+        bus:
+          url: stomp://guest:guest@broker:61613/
+          prefetch: 4
+        keys:
+          signing: keys/ci.key
+          trusted:
+            ci: keys/ci.pub
+            ops: "{ops_line}"
+          policy:
+            - signer: ci
+              projects: [shop, "api-*"]
+              environments: [staging]
+            - signer: ops
+        state:
+          url: sqlite:///state/deploybus.db
+        defaults:
+          root: srv
+          state_dir: /var/lib/db
+        hosts:
+          web1:
+            root: /srv/web1
+          web2:
+            state_dir: st/web2
+        projects:
+          shop:
+            git: git@example.com:shop.git
+            scripts: {{pre: ./pre.sh, post: make restart}}
+            script_timeout: 30
+            keep: 3
+          api-v2:
+            git: repos/api.git
+        environments:
+          staging:
+            hosts: [web1, web2]
+            projects: [shop]
+            request_timeout: 60
+            parallel: 2
+          prod:
+            hosts: [web3]
+        """)
+    cfg = config.load(p)
+    assert cfg.path == p
+    assert cfg.bus_url == "stomp://guest:guest@broker:61613/"
+    assert cfg.prefetch == 4
+    assert cfg.signing_key == tmp_path / "keys" / "ci.key"
+    assert cfg.load_signing_key().id == keys["ci"].id
+    assert {n: key_id(k) for n, k in cfg.trusted.items()} == {
+        "ci": keys["ci"].id, "ops": keys["ops"].id}
+    assert cfg.policy == [PolicyRule("ci", ["shop", "api-*"], ["staging"]),
+                          PolicyRule("ops", ["*"], ["*"])]
+    assert cfg.state_url == f"sqlite:///{tmp_path / 'state' / 'deploybus.db'}"
+    assert cfg.default_root == tmp_path / "srv"
+    assert cfg.default_state_dir == Path("/var/lib/db")
+    # A listed host without state_dir gets the same default as an unlisted one:
+    # listing a host must not move its journal and replay cache.
+    assert cfg.host("web1") == config.HostConfig("web1", Path("/srv/web1"),
+                                                 Path("/var/lib/db"))
+    assert cfg.host("web2") == config.HostConfig("web2", tmp_path / "srv",
+                                                 tmp_path / "st" / "web2")
+    assert cfg.host("web9") == config.HostConfig("web9", tmp_path / "srv", Path("/var/lib/db"))
+    shop = cfg.projects["shop"]
+    assert shop == config.ProjectConfig("shop", "git@example.com:shop.git",
+                                        {"pre": "./pre.sh", "post": "make restart"}, 30, 3)
+    api = cfg.projects["api-v2"]
+    assert api.git == str(tmp_path / "repos" / "api.git")
+    assert (api.scripts, api.script_timeout, api.keep) == ({}, 600, 5)
+    assert cfg.environments["staging"] == config.EnvironmentConfig(
+        "staging", ["web1", "web2"], ["shop"], 60, 2)
+    assert cfg.environments["prod"] == config.EnvironmentConfig("prod", ["web3"], None, 900, 1)
+    assert [pc.name for pc in cfg.projects_for_host("web1")] == ["shop"]
+    assert [pc.name for pc in cfg.projects_for_host("web3")] == ["api-v2", "shop"]
+    assert cfg.projects_for_host("nowhere") == []
+
+
+def test_verifier_from_config_uses_trusted_keys_and_policy(tmp_path, keys):
+    p = write(tmp_path, """
+        keys:
+          trusted: {ci: keys/ci.pub}
+          policy: [{signer: ci, projects: [shop], environments: [prod]}]
+        """)
+    from deploybus.envelope import new
+    v = config.load(p).verifier()
+    env = keys["ci"].sign(new("deploy.request", {}, sender="s", ttl=60))
+    assert v.verify(env, project="shop", environment="prod") == "ci"
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, ""))
+    assert cfg.bus_url == "memory://" and cfg.projects == {} and cfg.policy == []
+    assert cfg.state_url == "sqlite:///deploybus.db"
+
+
+def test_absolute_sqlite_and_other_urls_are_kept(tmp_path):
+    assert config.load(write(tmp_path, "state: {url: 'sqlite:////abs/x.db'}\n")).state_url \
+        == "sqlite:////abs/x.db"
+    assert config.load(write(tmp_path, "state: {url: 'postgresql://u@h/db'}\n")).state_url \
+        == "postgresql://u@h/db"
+
+
+def test_home_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = config.load(write(tmp_path, "defaults: {root: ~/deploys}\n"))
+    assert cfg.default_root == tmp_path / "home" / "deploys"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config: No such file") as info:
+        config.load(tmp_path / "nope.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'nope.yaml'}: ")
+
+
+# -- errors: file, line, key -----------------------------------------------------------
+
+def check(exc: ConfigError, path: Path, line: int, key: str | None, text: str) -> None:
+    assert exc.path == str(path)
+    assert exc.line == line, str(exc)
+    assert exc.key == key, str(exc)
+    prefix = f"{path}:{line}: " + (f"{key}: " if key else "")
+    assert str(exc).startswith(prefix), str(exc)
+    assert text in str(exc), str(exc)
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    exc = error(tmp_path, """
+        bus:
+          url: memory://
+        project:
+          shop: {git: /x}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 3, "project",
+          "unknown key (did you mean 'projects'?)")
+
+
+def test_unknown_nested_key_suggests(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop:
+            git: /srv/git/shop.git
+            script_timout: 30
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "projects.shop.script_timout",
+          "did you mean 'script_timeout'?")
+
+
+def test_unknown_key_without_a_close_match_lists_known(tmp_path):
+    exc = error(tmp_path, """
+        bus:
+          zzzz: 1
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 2, "bus.zzzz", "known: url, prefetch")
+
+
+def test_unknown_script_step(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop:
+            git: /x
+            scripts:
+              pre: a
+              postt: b
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 6, "projects.shop.scripts.postt",
+          "did you mean 'post'?")
+
+
+def test_duplicate_key(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop:
+            git: /a
+          blog:
+            git: /b
+          shop:
+            git: /c
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 6, "projects.shop", "duplicate key")
+
+
+def test_duplicate_top_level_key(tmp_path):
+    exc = error(tmp_path, """
+        bus: {url: memory://}
+        state: {url: sqlite://}
+        bus: {url: memory://x}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 3, "bus", "duplicate key")
+
+
+@pytest.mark.parametrize("text, line, key, message", [
+    ("bus:\n  prefetch: ten\n", 2, "bus.prefetch", "expected a number >= 1, got 'ten'"),
+    ("bus:\n  prefetch: 0\n", 2, "bus.prefetch", "expected a number >= 1, got 0"),
+    ("bus:\n  prefetch: true\n", 2, "bus.prefetch", "expected a number >= 1, got True"),
+    ("bus:\n  url: 5\n", 2, "bus.url", "expected a non-empty string, got 5"),
+    ("bus: [memory]\n", 1, "bus", "expected a mapping, got list"),
+    ("- a\n- b\n", 1, None, "expected a mapping, got list"),
+    ("projects:\n  shop: /srv/git\n", 2, "projects.shop", "expected a mapping, got str"),
+    ("projects:\n  shop:\n    git: /x\n    keep: -1\n", 4, "projects.shop.keep",
+     "expected a number >= 1"),
+    ("projects:\n  shop:\n    git: ''\n", 3, "projects.shop.git", "non-empty string"),
+    ("projects:\n  bad name:\n    git: /x\n", 2, "projects.bad name", "is not a valid name"),
+    ("environments:\n  prod:\n    hosts: web1\n", 3, "environments.prod.hosts",
+     "expected a list, got str"),
+    ("environments:\n  prod:\n    hosts:\n      - web1\n      - 7\n", 5,
+     "environments.prod.hosts.1", "expected a non-empty string, got 7"),
+    ("environments:\n  prod:\n    hosts: [web1]\n    request_timeout: soon\n", 4,
+     "environments.prod.request_timeout", "expected a number"),
+    ("environments:\n  prod:\n    hosts: [a]\n    parallel: 0\n", 4,
+     "environments.prod.parallel", "expected a number >= 1, got 0"),
+    ("environments:\n  prod: {}\n", 2, "environments.prod", "missing key 'hosts'"),
+    ("keys:\n  policy: {signer: ci}\n", 2, "keys.policy", "expected a list of rules"),
+    ("keys:\n  trusted:\n    ci: 'ed25519 AAAA ci'\n", 3, "keys.trusted.ci",
+     "not an ed25519 public key"),
+    ("keys:\n  trusted:\n    ci: missing.pub\n", 3, "keys.trusted.ci",
+     "cannot read public key"),
+])
+def test_wrong_types_and_values(tmp_path, text, line, key, message):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(p)
+    check(info.value, p, line, key, message)
+
+
+def test_missing_git(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop:
+            git: /a
+          blog:
+            keep: 2
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "projects.blog", "missing key 'git'")
+
+
+def test_unknown_project_in_environment(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop: {git: /a}
+        environments:
+          prod:
+            hosts: [web1]
+            projects:
+              - shop
+              - blgo
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 8, "environments.prod.projects.1",
+          "unknown project 'blgo'")
+
+
+def test_policy_signer_not_trusted(tmp_path, keys):
+    exc = error(tmp_path, """
+        keys:
+          trusted:
+            ci: keys/ci.pub
+          policy:
+            - signer: ci
+            - projects: [shop]
+              signer: ops
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 7, "keys.policy.1.signer",
+          "signer 'ops' is not in keys.trusted")
+
+
+def test_policy_rule_without_signer(tmp_path, keys):
+    exc = error(tmp_path, """
+        keys:
+          trusted: {ci: keys/ci.pub}
+          policy:
+            - projects: [shop]
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "keys.policy.0.signer", "non-empty string")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("bus:\n  url: memory://\nprojects:\n  shop: {git: /a\n", 5),
+    ("bus:\n  url: [memory\n", 3),
+    ("projects:\n  shop:\n    git: /a\n   keep: 3\n", 4),
+    ("a: 'unterminated\n", 2),
+])
+def test_bad_yaml_syntax(tmp_path, text, line):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        config.load(p)
+    assert info.value.line == line, str(info.value)
+    assert str(info.value).startswith(f"{p}:{line}: not valid YAML: ")
+
+
+def test_tab_indentation_names_the_line(tmp_path):
+    p = write(tmp_path, "bus:\n  url: memory://\nprojects:\n\tshop: {}\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        config.load(p)
+    assert info.value.line == 4
+
+
+@pytest.mark.parametrize("url", ["redis://localhost", "memory", "http://x", "stomps://h"])
+def test_bad_bus_url_scheme(tmp_path, url):
+    exc = error(tmp_path, f"""
+        # comment
+        bus:
+          prefetch: 2
+          url: "{url}"
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "bus.url", "unsupported bus URL; use one of")
+    assert "amqp://" in str(exc) and "stomp+ssl://" in str(exc)
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory://x", "stomp+ssl://h:61614/",
+                                 "amqps://u:p@h/vh"])
+def test_good_bus_url_schemes(tmp_path, url):
+    assert config.load(write(tmp_path, f"bus: {{url: '{url}'}}\n")).bus_url == url
+
+
+def test_no_signing_key_configured(tmp_path):
+    cfg = config.load(write(tmp_path, "bus: {url: memory://}\n"))
+    with pytest.raises(ConfigError, match="no signing key configured") as info:
+        cfg.load_signing_key()
+    assert info.value.key == "keys.signing"
