@@ -13,7 +13,9 @@
 set -Eeuo pipefail
 
 LOG_FILE="${SETUP_BROKERS_LOG:-/var/log/deploybus-setup-brokers.log}"
-PACKAGES=(activemq rabbitmq-server git libsystemd-dev pkg-config)
+# Brokers, plus what the test suite needs from Debian: git, libsystemd-dev and
+# pkg-config (to build systemd-python), chromium (browser tests).
+PACKAGES=(${SETUP_PACKAGES:-activemq rabbitmq-server git libsystemd-dev pkg-config chromium})
 
 RABBIT_CONF_DIR=/etc/rabbitmq
 RABBIT_CONF="$RABBIT_CONF_DIR/rabbitmq.conf"
