@@ -34,7 +34,7 @@ brokers:
 	bash scripts/setup-brokers.sh
 
 # The test command CI runs (.ci/run): system packages and brokers first, then the suite.
-test: brokers install
+test: brokers install lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: install

@@ -8,7 +8,6 @@ subcommand each, so systemd units stay one line. Exit codes are the named
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import threading
@@ -18,7 +17,8 @@ from typing import Any
 
 import click
 
-from deploybus import __version__, config as configmod, envelope, log, topics
+from deploybus import __version__, envelope, log, topics
+from deploybus import config as configmod
 from deploybus.errors import BusError, ConfigError, DeployBusError
 from deploybus.runner import (
     EXIT_CONFIG,

@@ -209,7 +209,7 @@ def parse(text: str, path: Path) -> Config:
     if keys.get("signing") is not None:
         cfg.signing_key = c.path_value(keys["signing"], ("keys", "signing"))
     for name, value in c.mapping(keys.get("trusted"), ("keys", "trusted"), None).items():
-        at = ("keys", "trusted", str(name))
+        at: tuple[str, ...] = ("keys", "trusted", str(name))
         c.name(name, at)
         text_value = c.string(value, at)
         if not text_value.startswith("ed25519 "):

@@ -91,9 +91,9 @@ class Host(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-def _aware(t: datetime | None) -> datetime | None:
+def _aware(t: datetime) -> datetime:
     # SQLite returns naive datetimes even for timezone=True columns.
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 class Store:

@@ -37,7 +37,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
             return cached[1]
         pc = ctx.config.projects[project]
         try:
-            out = git.cmd.Git().ls_remote("--tags", "--refs", "--", pc.git)
+            out = str(git.cmd.Git().ls_remote("--tags", "--refs", "--", pc.git))
         except git.GitCommandError:
             out = ""
         result = []
@@ -53,13 +53,14 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         rows = []
         for env in ctx.config.environments.values():
             for name in env.hosts:
-                h = seen.get(name)
-                interval = (h or {}).get("info", {}).get("interval", 10) or 10
+                h = seen.get(name) or {}
+                info = h.get("info", {})
+                interval = info.get("interval", 10) or 10
                 rows.append({
                     "environment": env.name, "host": name,
                     "alive": bool(h) and h["age"] < interval * DOWN_AFTER_BEATS,
-                    "last_seen": h["last_seen"] if h else None,
-                    "projects": (h or {}).get("info", {}).get("projects", {}),
+                    "last_seen": h.get("last_seen"),
+                    "projects": info.get("projects", {}),
                 })
         return rows
 

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deploybus.daemons.deploy_agent import steps
 from deploybus import envelope, topics
 from deploybus.bus import Delivery
+from deploybus.daemons.deploy_agent import steps
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
 from deploybus.errors import DeployBusError

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deploybus.layout import Layout
 from deploybus import gitutil
 from deploybus.config import ProjectConfig
 from deploybus.errors import DeployError, RefError
+from deploybus.layout import Layout
 
 #: Bytes of script output kept and reported per step.
 MAX_OUTPUT = 64 * 1024

@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from deploybus.layout import Layout
 from deploybus import __version__, envelope, topics
 from deploybus.errors import BusError
+from deploybus.layout import Layout
 from deploybus.runner import STOP_GRACE, Context, Service
 
 #: Seconds between heartbeats.

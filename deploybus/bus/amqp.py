@@ -13,7 +13,6 @@ settle the message there.
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 from collections.abc import Mapping
@@ -80,7 +79,7 @@ class _Sub(Subscription):
                     while not self.stop.is_set():
                         try:
                             conn.drain_events(timeout=1)
-                        except socket.timeout:
+                        except TimeoutError:
                             conn.heartbeat_check()
             except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self.ready.clear()

@@ -10,6 +10,7 @@ survives the process: use a real broker where that matters.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import uuid
@@ -122,8 +123,8 @@ class _MemorySubscription(Subscription):
                 self.unacked[tag] = msg
             delivery = Delivery(
                 topic=msg.topic, body=msg.body, headers=msg.headers, redelivered=msg.redelivered,
-                _ack=lambda t=tag: self._settle(t, False),
-                _nack=lambda requeue, t=tag: self._settle(t, requeue),
+                _ack=functools.partial(self._settle, tag, False),
+                _nack=functools.partial(self._settle, tag),
             )
             try:
                 self.handler(delivery)

@@ -22,6 +22,7 @@ resubscribes; acks for messages from a dropped connection are skipped.
 
 from __future__ import annotations
 
+import functools
 import queue as queuemod
 import ssl
 import threading
@@ -84,15 +85,18 @@ class _Sub(Subscription):
                 headers=dict(frame.headers),
                 redelivered=frame.headers.get("redelivered") == "true"
                 or frame.headers.get("x-deploybus-redelivered") == "true",
-                _ack=lambda g=gen, a=ack_id: t._settle(g, a, self.id, ack=True),
-                _nack=lambda requeue, g=gen, a=ack_id, f=frame: t._settle(
-                    g, a, self.id, ack=False, requeue=requeue, resend=self._resend(f)),
+                _ack=functools.partial(t._settle, gen, ack_id, self.id, ack=True),
+                _nack=functools.partial(self._nack, gen, ack_id, frame),
             )
             try:
                 self.handler(delivery)
             except Exception:
                 log.exception("handler raised; message dropped", topic=self.topic)
                 delivery.nack(requeue=False)
+
+    def _nack(self, gen: int, ack_id: str | None, frame: Any, requeue: bool) -> None:
+        self.transport._settle(gen, ack_id, self.id, ack=False, requeue=requeue,
+                               resend=self._resend(frame))
 
     def _resend(self, frame: Any) -> tuple[str, bytes, dict[str, str]] | None:
         """Where and what to send to hand a message back on ActiveMQ (durable only)."""
