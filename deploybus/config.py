@@ -8,7 +8,8 @@ Layout (every key is documented in docs/configuration.md)::
     defaults:     {root, state_dir}          # per-host defaults
     hosts:        {name: {root, state_dir}}  # optional per-host overrides
     projects:     {name: {git, scripts: {pre, post}, script_timeout, keep}}
-    environments: {name: {hosts: [..], projects: [..], request_timeout, parallel}}
+    environments: {name: {hosts: [..], projects: [..], request_timeout, strategy: {..},
+                          windows: {timezone, allow, deny}}}
 
 Relative paths are taken relative to the directory of the config file.
 """
@@ -23,8 +24,13 @@ from typing import Any
 
 import yaml
 
-from deploybus.errors import ConfigError
+from deploybus.errors import ConfigError, DeployBusError
 from deploybus.refs import NAME_RE
+from deploybus.strategy import DEFAULTS as STRATEGY_DEFAULTS
+from deploybus.strategy import Strategy
+from deploybus.windows import Windows
+
+STRATEGY_KEYS = tuple(STRATEGY_DEFAULTS)
 
 #: Hook scripts a project may define, in the order the agent runs them.
 SCRIPT_STEPS = ("pre", "post")
@@ -45,7 +51,8 @@ class EnvironmentConfig:
     hosts: list[str]
     projects: list[str] | None = None
     request_timeout: float = 900.0
-    parallel: int = 1
+    strategy: dict[str, Any] = field(default_factory=dict)   # see deploybus.strategy
+    windows: Any = None                                      # deploybus.windows.Windows
 
 
 @dataclass
@@ -279,7 +286,7 @@ def parse(text: str, path: Path) -> Config:
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
         c.name(name, at)
-        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "parallel"))
+        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "strategy", "windows"))
         if "hosts" not in ev:
             raise c.fail(at, "missing key 'hosts'")
         hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
@@ -290,9 +297,22 @@ def parse(text: str, path: Path) -> Config:
             for i, pn in enumerate(projects):
                 if pn not in cfg.projects:
                     raise c.fail(at + ("projects", str(i)), f"unknown project {pn!r}")
+        strategy = c.mapping(ev.get("strategy"), at + ("strategy",), STRATEGY_KEYS)
+        try:
+            Strategy.parse(strategy).phases(hosts)
+        except DeployBusError as exc:
+            raise c.fail(at + ("strategy",), str(exc)) from None
+        wspec = c.mapping(ev.get("windows"), at + ("windows",), ("timezone", "allow", "deny"))
+        for k in ("allow", "deny"):
+            if k in wspec:
+                c.strings(wspec[k], at + ("windows", k))
+        try:
+            windows = Windows.parse(wspec)
+        except DeployBusError as exc:
+            raise c.fail(at + ("windows",), str(exc)) from None
         cfg.environments[name] = EnvironmentConfig(
             name=name, hosts=hosts, projects=projects,
             request_timeout=c.number(ev.get("request_timeout", 900),
                                      at + ("request_timeout",), minimum=1),
-            parallel=int(c.number(ev.get("parallel", 1), at + ("parallel",), minimum=1)))
+            strategy=strategy, windows=windows)
     return cfg

@@ -29,8 +29,8 @@ MAX_SIZE = 1024 * 1024
 #: Message types deploybus knows.
 TYPES = frozenset({
     "git.push", "ci.build", "package.update", "presence",
-    "deploy.rollout", "deploy.rollout.status", "deploy.request", "deploy.progress",
-    "deploy.result",
+    "deploy.rollout", "deploy.rollout.status", "deploy.control", "deploy.request",
+    "deploy.progress", "deploy.result",
 })
 
 _FIELDS = ("v", "id", "type", "at", "expires", "sender", "correlation", "body", "sig")

@@ -7,7 +7,7 @@ several processes can share one database.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -22,14 +22,17 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from deploybus.errors import DeployBusError
 
-#: Rollout states; the last three are final.
-ROLLOUT_STATES = ("queued", "running", "succeeded", "failed", "refused")
-FINAL_STATES = frozenset({"succeeded", "failed", "refused"})
+#: Rollout states; the last four are final.
+ROLLOUT_STATES = ("queued", "running", "paused", "succeeded", "failed", "refused", "aborted")
+FINAL_STATES = frozenset({"succeeded", "failed", "refused", "aborted"})
+
+#: Host step states that are settled (the host will not be asked again).
+SETTLED_STEPS = frozenset({"succeeded", "failed", "refused", "skipped", "offline"})
 
 
 class StoreError(DeployBusError):
@@ -53,6 +56,10 @@ class Rollout(Base):
     user: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    action: Mapped[str] = mapped_column(String(16), default="deploy")
+    target_release: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    strategy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    override: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     steps: Mapped[list[HostStep]] = relationship(back_populates="rollout",
@@ -69,9 +76,38 @@ class HostStep(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")
     release: Mapped[str | None] = mapped_column(String(128), nullable=True)
     commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_release: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    rolled_back: Mapped[str | None] = mapped_column(String(16), nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     rollout: Mapped[Rollout] = relationship(back_populates="steps")
+
+
+class Lock(Base):
+    """One rollout per project and environment; also held by hand (rollout_id None)."""
+
+    __tablename__ = "locks"
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Append-only trail of who asked for what and what was decided."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    project: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    environment: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class LogLine(Base):
@@ -123,14 +159,18 @@ class Store:
     # -- writes (orchestrator) ---------------------------------------------------
 
     def create_rollout(self, *, id: str, project: str, environment: str, ref: str, user: str,
-                       hosts: list[str], state: str = "queued",
-                       reason: str | None = None) -> bool:
+                       hosts: list[str], state: str = "queued", reason: str | None = None,
+                       action: str = "deploy", target_release: str | None = None,
+                       strategy: dict[str, Any] | None = None,
+                       override: str | None = None) -> bool:
         """Record a new rollout; False if ``id`` already exists (a redelivery)."""
         with self.session.begin() as s:
             if s.get(Rollout, id) is not None:
                 return False
             s.add(Rollout(id=id, project=project, environment=environment, ref=ref, user=user,
-                          state=state, reason=reason))
+                          state=state, reason=reason, action=action,
+                          target_release=target_release, strategy=strategy or {},
+                          override=override))
             for i, h in enumerate(hosts):
                 s.add(HostStep(rollout_id=id, host=h, position=i))
         return True
@@ -149,6 +189,88 @@ class Store:
                 for k, v in fields.items():
                     setattr(step, k, v)
                 step.updated_at = utcnow()
+
+    def steps(self, rollout_id: str) -> dict[str, dict[str, Any]]:
+        with self.session() as s:
+            return {st.host: {"state": st.state, "release": st.release, "commit": st.commit,
+                              "previous_release": st.previous_release,
+                              "rolled_back": st.rolled_back, "position": st.position,
+                              "message": st.message}
+                    for st in s.scalars(select(HostStep).where(HostStep.rollout_id == rollout_id)
+                                        .order_by(HostStep.position))}
+
+    def active_rollouts(self) -> list[dict[str, Any]]:
+        """Rollouts not in a final state: what a restarted orchestrator resumes."""
+        with self.session() as s:
+            rows = s.scalars(select(Rollout).where(Rollout.state.not_in(FINAL_STATES))
+                             .order_by(Rollout.created_at))
+            return [self._rollout_dict(r) for r in rows]
+
+    def acquire_lock(self, *, project: str, environment: str, owner: str, reason: str,
+                     ttl: float, rollout_id: str | None = None) -> dict[str, Any] | None:
+        """Take the lock; None if taken, else the holder's lock (not ours)."""
+        now = utcnow()
+        try:
+            with self.session.begin() as s:
+                lock = s.get(Lock, (project, environment), with_for_update=True)
+                if lock is not None and _aware(lock.expires_at) > now:
+                    holder = s.get(Rollout, lock.rollout_id) if lock.rollout_id else None
+                    if holder is None and lock.rollout_id is not None \
+                            or holder is not None and holder.state in FINAL_STATES:
+                        pass  # stale: its rollout ended without releasing it
+                    elif lock.rollout_id is None or lock.rollout_id != rollout_id:
+                        return self._lock_dict(lock)
+                if lock is not None:
+                    s.delete(lock)
+                    s.flush()
+                s.add(Lock(project=project, environment=environment, rollout_id=rollout_id,
+                           owner=owner, reason=reason, acquired_at=now,
+                           expires_at=now + timedelta(seconds=ttl)))
+        except IntegrityError:
+            # Another orchestrator took it between our read and insert.
+            held = self.lock(project, environment)
+            return held or {"owner": "unknown", "reason": "lock race", "rollout": None}
+        return None
+
+    def release_lock(self, project: str, environment: str, *,
+                     rollout_id: str | None = None) -> bool:
+        """Release; with ``rollout_id`` only a lock that rollout holds."""
+        with self.session.begin() as s:
+            lock = s.get(Lock, (project, environment))
+            if lock is None or rollout_id is not None and lock.rollout_id != rollout_id:
+                return False
+            s.delete(lock)
+            return True
+
+    def lock(self, project: str, environment: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            lock = s.get(Lock, (project, environment))
+            return self._lock_dict(lock) if lock is not None else None
+
+    def locks(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            return [self._lock_dict(x) for x in s.scalars(select(Lock))]
+
+    @staticmethod
+    def _lock_dict(lock: Lock) -> dict[str, Any]:
+        return {"project": lock.project, "environment": lock.environment,
+                "rollout": lock.rollout_id, "owner": lock.owner, "reason": lock.reason,
+                "acquired_at": _aware(lock.acquired_at).isoformat(),
+                "expires_at": _aware(lock.expires_at).isoformat()}
+
+    def audit(self, *, actor: str, action: str, project: str | None = None,
+              environment: str | None = None, rollout_id: str | None = None,
+              **detail: Any) -> None:
+        with self.session.begin() as s:
+            s.add(AuditEntry(actor=actor, action=action, project=project,
+                             environment=environment, rollout_id=rollout_id, detail=detail))
+
+    def audit_trail(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+            return [{"at": _aware(a.at).isoformat(), "actor": a.actor, "action": a.action,
+                     "project": a.project, "environment": a.environment,
+                     "rollout": a.rollout_id, "detail": a.detail} for a in rows]
 
     def add_log(self, rollout_id: str, host: str, step: str, text: str) -> None:
         with self.session.begin() as s:
@@ -190,9 +312,12 @@ class Store:
     def _rollout_dict(r: Rollout) -> dict[str, Any]:
         return {
             "id": r.id, "project": r.project, "environment": r.environment, "ref": r.ref,
-            "user": r.user, "state": r.state, "reason": r.reason,
+            "user": r.user, "state": r.state, "reason": r.reason, "action": r.action,
+            "target_release": r.target_release, "strategy": r.strategy, "override": r.override,
             "created_at": _aware(r.created_at).isoformat(),
             "updated_at": _aware(r.updated_at).isoformat(),
             "hosts": [{"host": st.host, "state": st.state, "release": st.release,
-                       "commit": st.commit, "message": st.message} for st in r.steps],
+                       "commit": st.commit, "previous_release": st.previous_release,
+                       "rolled_back": st.rolled_back, "message": st.message}
+                      for st in r.steps],
         }

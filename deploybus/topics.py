@@ -6,6 +6,8 @@ GIT_COMMITS = "git.commits"
 CI_EVENTS = "ci.events"
 #: ``deploy.rollout`` asked for by the CLI, the API and the web.
 ROLLOUTS = "deploy.rollouts"
+#: ``deploy.control``: pause, resume, promote, abort a running rollout.
+CONTROL = "deploy.control"
 #: ``deploy.progress``, ``deploy.result`` and ``deploy.rollout.status``.
 EVENTS = "deploy.events"
 #: ``presence`` heartbeats.
@@ -31,3 +33,4 @@ def fetcher_queue(host: str) -> str:
 ORCHESTRATOR_ROLLOUTS = "orchestrator-rollouts"
 ORCHESTRATOR_EVENTS = "orchestrator-events"
 ORCHESTRATOR_PRESENCE = "orchestrator-presence"
+ORCHESTRATOR_CONTROL = "orchestrator-control"

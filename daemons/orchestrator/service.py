@@ -1,18 +1,18 @@
 """The orchestrator service.
 
-It takes signed ``deploy.rollout`` messages, checks them against the config
-and the signer policy, records the rollout in the store, and runs it in a
-thread of its own: one host after another (or up to ``parallel`` hosts at a
-time, from the environment or the rollout), each sent a signed
-``deploy.request`` that expires after the environment's ``request_timeout``;
-no new host is started after the first that fails, refuses or does not
-answer. Agents'
-``deploy.progress`` and ``deploy.result`` events are written to the store and
-wake the rollout thread; ``deploy.rollout.status`` events tell watchers
-(the CLI's ``--wait``, the web) where the rollout stands.
+It takes signed ``deploy.rollout`` messages and checks them: signature and
+signer policy, project, environment, hosts, strategy, the environment's
+deploy windows (an override needs a reason and is audited) and the lock (one
+rollout per project and environment; a refusal names the holder). An
+accepted rollout is recorded in the store and run by a
+:class:`~deploybus.daemons.orchestrator.rollout.RolloutRun` in a thread of
+its own. Signed ``deploy.control`` messages pause, resume, promote or abort
+it. Agents' progress and results arrive on ``deploy.events``; presence on
+``presence``. On start it resumes every rollout the store says is not
+finished.
 
-Strategies (canary, batches, windows), locks and resume after a restart
-build on this in the next issue; see docs/architecture.md.
+Because windows and locks are checked here, on the one path every rollout
+takes, no front end (CLI, API, web) can bypass them.
 """
 
 from __future__ import annotations
@@ -23,15 +23,22 @@ from typing import Any
 
 from deploybus import envelope, topics
 from deploybus.bus import Delivery
+from deploybus.daemons.orchestrator.rollout import RolloutRun
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
 from deploybus.errors import DeployBusError
 from deploybus.refs import check_name, check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
-from deploybus.store import FINAL_STATES, Store
+from deploybus.store import Store
+from deploybus.strategy import Strategy
 
 #: deploy.rollout.status and similar events expire after this many seconds.
 EVENT_TTL = 24 * 3600
+
+#: How long a rollout's lock lasts if the rollout never releases it.
+LOCK_TTL = 6 * 3600
+
+CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
 
 
 class Orchestrator(Service):
@@ -44,20 +51,28 @@ class Orchestrator(Service):
         self.store = store or Store(ctx.config.state_url)
         self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats)
         self.verifier = ctx.config.verifier()
-        self.results: dict[tuple[str, str], dict[str, Any]] = {}
         self.cond = threading.Condition()
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.runs: dict[str, RolloutRun] = {}
+        # (rollout, host) -> result, for requests a run is waiting on
+        self._expected: set[tuple[str, str]] = set()
+        self._results: dict[tuple[str, str], dict[str, Any]] = {}
+        self._progress: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
         if self.ctx.signing_key is None:
             raise DeployBusError("the orchestrator needs keys.signing to sign deploy requests")
-        self.dispatcher.subscribe(topics.EVENTS, self.on_event, queue=topics.ORCHESTRATOR_EVENTS,
-                                  types={"deploy.progress", "deploy.result",
-                                         "deploy.rollout.status"}, prefetch=50)
         self.dispatcher.subscribe(topics.PRESENCE, self.on_presence,
                                   queue=topics.ORCHESTRATOR_PRESENCE, types={"presence"},
                                   prefetch=50)
+        # Resume first, so results that queued up while we were away find the
+        # runs expecting them.
+        self.resume()
+        self.dispatcher.subscribe(topics.EVENTS, self.on_event, queue=topics.ORCHESTRATOR_EVENTS,
+                                  types={"deploy.progress", "deploy.result",
+                                         "deploy.rollout.status"}, prefetch=50)
+        self.dispatcher.subscribe(topics.CONTROL, self.on_control,
+                                  queue=topics.ORCHESTRATOR_CONTROL, types={"deploy.control"})
         self.dispatcher.subscribe(topics.ROLLOUTS, self.on_rollout,
                                   queue=topics.ORCHESTRATOR_ROLLOUTS, types={"deploy.rollout"})
 
@@ -66,10 +81,10 @@ class Orchestrator(Service):
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()
-        for t in self.threads:
-            t.join(timeout)
+        for run in list(self.runs.values()):
+            run.thread.join(timeout)
 
-    # -- publishing ----------------------------------------------------------------
+    # -- shared with the runs --------------------------------------------------------
 
     def send(self, topic: str, type: str, body: dict[str, Any], *, correlation: str,
              ttl: float = EVENT_TTL) -> None:
@@ -81,19 +96,95 @@ class Orchestrator(Service):
         self.send(topics.EVENTS, "deploy.rollout.status",
                   {"rollout": rollout, "state": state, "reason": reason, **extra},
                   correlation=rollout)
-        self.log.info("rollout " + state, rollout=rollout, reason=reason, **extra)
+        self.log.info("rollout " + state, rollout=rollout, reason=reason)
 
-    # -- handlers ----------------------------------------------------------------------
+    def expect(self, rollout: str, host: str) -> None:
+        with self.cond:
+            self._expected.add((rollout, host))
+            self._progress[(rollout, host)] = time.monotonic()
+
+    def has_result(self, rollout: str, host: str) -> bool:
+        return (rollout, host) in self._results
+
+    def take_result(self, rollout: str, host: str) -> dict[str, Any] | None:
+        with self.cond:
+            result = self._results.pop((rollout, host), None)
+            if result is not None:
+                self._expected.discard((rollout, host))
+                self._progress.pop((rollout, host), None)
+            return result
+
+    def last_progress(self, rollout: str, host: str) -> float:
+        return self._progress.get((rollout, host), time.monotonic())
+
+    def finished(self, run: RolloutRun) -> None:
+        self.store.release_lock(run.project, run.environment, rollout_id=run.id)
+        with self.cond:
+            self.runs.pop(run.id, None)
+            for key in [k for k in self._expected if k[0] in (run.id, f"{run.id}.rb")]:
+                self._expected.discard(key)
+                self._progress.pop(key, None)
+
+    # -- starting runs ---------------------------------------------------------------
+
+    def _launch(self, record: dict[str, Any]) -> None:
+        ec = self.ctx.config.environments.get(record["environment"])
+        if ec is None or record["project"] not in self.ctx.config.projects:
+            self.status(record["id"], "failed", "project or environment no longer configured")
+            self.store.release_lock(record["project"], record["environment"],
+                                    rollout_id=record["id"])
+            return
+        run = RolloutRun(self, record, Strategy.parse(record.get("strategy") or {}),
+                         ec.request_timeout)
+        with self.cond:
+            self.runs[run.id] = run
+        run.thread.start()
+
+    def resume(self) -> None:
+        """Go on with every rollout the store says is not finished."""
+        for record in self.store.active_rollouts():
+            self.log.info("resuming rollout", rollout=record["id"], state=record["state"])
+            self.store.audit(actor="orchestrator", action="resume", project=record["project"],
+                             environment=record["environment"], rollout_id=record["id"])
+            self._launch(record)
+
+    # -- handlers --------------------------------------------------------------------
+
+    def refuse(self, rollout: str, body: dict[str, Any], user: str, reason: str,
+               signer: str | None = None) -> None:
+        self.ctx.stats.incr("refused")
+        self.log.warning("rollout refused", rollout=rollout, reason=reason)
+        project, environment = str(body.get("project"))[:64], str(body.get("environment"))[:64]
+        created = self.store.create_rollout(
+            id=rollout, project=project, environment=environment,
+            ref=str(body.get("ref"))[:200], user=user, hosts=[], state="refused", reason=reason)
+        if not created:
+            return  # a redelivery of a rollout we already decided on
+        self.store.audit(actor=signer or user, action="refused", project=project,
+                         environment=environment, rollout_id=rollout, reason=reason, user=user)
+        self.send(topics.EVENTS, "deploy.rollout.status",
+                  {"rollout": rollout, "state": "refused", "reason": reason},
+                  correlation=rollout)
 
     def on_rollout(self, env: Envelope, _d: Delivery) -> None:
         body = env.body
         rollout = str(body.get("rollout") or env.correlation or env.id)[:64]
         user = str(body.get("user") or env.sender)[:128]
+        signer = None
         try:
             rollout = check_name(rollout, "rollout id")
             project = check_name(body.get("project"), "project")
             environment = check_name(body.get("environment"), "environment")
-            ref = check_ref(body.get("ref"))
+            action = body.get("action") or "deploy"
+            if action not in ("deploy", "rollback"):
+                raise DeployBusError(f"unknown action {action!r:.40}")
+            target = body.get("release")
+            if action == "rollback":
+                if target is not None:
+                    check_name(target, "release")
+                ref = f"rollback:{target or 'previous'}"
+            else:
+                ref = check_ref(body.get("ref"))
             signer = self.verifier.verify(env, project=project, environment=environment)
             if project not in self.ctx.config.projects:
                 raise DeployBusError(f"unknown project {project!r}")
@@ -109,118 +200,107 @@ class Orchestrator(Service):
             if unknown:
                 raise DeployBusError(f"hosts not in {environment}: {', '.join(unknown)}")
             hosts = list(dict.fromkeys(hosts))
-            parallel = body.get("parallel") or ec.parallel
-            if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-                raise DeployBusError("parallel must be a whole number of hosts >= 1")
+            overrides = body.get("strategy")
+            if overrides is not None and not isinstance(overrides, dict):
+                raise DeployBusError("strategy must be a mapping")
+            strategy = Strategy.parse(ec.strategy, overrides)
+            strategy.phases(hosts)
+            override = body.get("override")
+            outside = ec.windows.refusal(envelope.now()) if ec.windows else None
+            if outside and not (isinstance(override, str) and override.strip()):
+                raise DeployBusError(f"{environment} is closed for deploys: {outside}; "
+                                     "an override needs a reason")
         except DeployBusError as exc:
-            self.ctx.stats.incr("refused")
-            self.log.warning("rollout refused", rollout=rollout, reason=str(exc))
-            self.store.create_rollout(id=rollout, project=str(body.get("project"))[:64],
-                                      environment=str(body.get("environment"))[:64],
-                                      ref=str(body.get("ref"))[:200], user=user, hosts=[],
-                                      state="refused", reason=str(exc))
-            self.send(topics.EVENTS, "deploy.rollout.status",
-                      {"rollout": rollout, "state": "refused", "reason": str(exc)},
-                      correlation=rollout)
+            self.refuse(rollout, body, user, str(exc), signer)
             return
         if not self.store.create_rollout(id=rollout, project=project, environment=environment,
-                                         ref=ref, user=user, hosts=hosts):
+                                         ref=ref, user=user, hosts=hosts, action=action,
+                                         target_release=target, strategy=strategy.to_dict(),
+                                         override=override if outside else None):
             self.log.info("rollout already known; ignoring redelivery", rollout=rollout)
             return
+        held = self.store.acquire_lock(project=project, environment=environment, owner=user,
+                                       reason=f"rollout {rollout}: {ref}", ttl=LOCK_TTL,
+                                       rollout_id=rollout)
+        if held is not None:
+            who = f"rollout {held['rollout']}" if held["rollout"] else "a manual lock"
+            reason = (f"{project}/{environment} is locked by {who} (owner {held['owner']}, "
+                      f"reason: {held['reason']}, since {held['acquired_at'][:19]}Z, "
+                      f"expires {held['expires_at'][:19]}Z)")
+            self.store.set_rollout(rollout, state="refused", reason=reason)
+            self.store.audit(actor=signer, action="refused", project=project,
+                             environment=environment, rollout_id=rollout, reason=reason,
+                             user=user)
+            self.send(topics.EVENTS, "deploy.rollout.status",
+                      {"rollout": rollout, "state": "refused", "reason": reason,
+                       "lock": held}, correlation=rollout)
+            self.log.warning("rollout refused: locked", rollout=rollout, holder=held)
+            return
+        self.store.audit(actor=signer, action="accepted", project=project,
+                         environment=environment, rollout_id=rollout, user=user, ref=ref,
+                         hosts=hosts, strategy=strategy.to_dict())
+        if outside:
+            self.store.audit(actor=signer, action="window-override", project=project,
+                             environment=environment, rollout_id=rollout, user=user,
+                             reason=override, window=outside)
+            self.log.warning("deploy window overridden", rollout=rollout, reason=override,
+                             window=outside, user=user)
         self.log.info("rollout accepted", rollout=rollout, project=project, ref=ref,
                       environment=environment, hosts=hosts, user=user, signer=signer)
-        t = threading.Thread(target=self.run_rollout, name=f"rollout-{rollout}", daemon=True,
-                             args=(rollout, project, environment, ref, user, hosts,
-                                   ec.request_timeout, parallel))
-        self.threads.append(t)
-        t.start()
+        record = self.store.rollout(rollout)
+        assert record is not None
+        self._launch(record)
+
+    def on_control(self, env: Envelope, _d: Delivery) -> None:
+        body = env.body
+        rollout, action = body.get("rollout"), body.get("action")
+        user = str(body.get("user") or env.sender)[:128]
+        if not isinstance(rollout, str) or action not in CONTROL_ACTIONS:
+            raise DeployBusError(f"control needs a rollout and one of {CONTROL_ACTIONS}")
+        record = self.store.rollout(rollout)
+        try:
+            if record is None:
+                raise DeployBusError(f"no rollout {rollout!r}")
+            signer = self.verifier.verify(env, project=record["project"],
+                                          environment=record["environment"])
+            run = self.runs.get(rollout)
+            if run is None:
+                raise DeployBusError(f"rollout {rollout} is {record['state']}, not running here")
+        except DeployBusError as exc:
+            self.log.warning("control refused", rollout=rollout, action=action, reason=str(exc))
+            self.send(topics.EVENTS, "deploy.rollout.status",
+                      {"rollout": rollout, "state": record["state"] if record else "unknown",
+                       "control": action, "control_refused": str(exc)}, correlation=rollout)
+            return
+        run.control(action, user)
+        self.store.audit(actor=signer, action=action, project=record["project"],
+                         environment=record["environment"], rollout_id=rollout, user=user)
+        self.log.info("rollout control", rollout=rollout, action=action, user=user)
 
     def on_event(self, env: Envelope, _d: Delivery) -> None:
         body = env.body
         rollout, host = body.get("rollout"), body.get("host")
         if not isinstance(rollout, str) or not isinstance(host, str):
             return
+        key = (rollout, host)
         if env.type == "deploy.progress":
+            with self.cond:
+                if key in self._progress:
+                    self._progress[key] = time.monotonic()
+                    self.cond.notify_all()
             text = str(body.get("message", ""))
             lines = body.get("lines") or []
             if isinstance(lines, list) and lines:
                 text += "\n" + "\n".join(str(x) for x in lines)
-            self.store.add_log(rollout, host, str(body.get("step", ""))[:32], text)
+            self.store.add_log(rollout.removesuffix(".rb"), host,
+                               str(body.get("step", ""))[:32], text)
         elif env.type == "deploy.result":
             with self.cond:
-                self.results.setdefault((rollout, host), body)
-                self.cond.notify_all()
+                if key in self._expected:
+                    self._results.setdefault(key, body)
+                    self.cond.notify_all()
 
     def on_presence(self, env: Envelope, _d: Delivery) -> None:
         host = env.body.get("host")
         if isinstance(host, str):
             self.store.record_presence(host, env.body)
-
-    # -- the rollout -------------------------------------------------------------------
-
-    def run_rollout(self, rollout: str, project: str, environment: str, ref: str, user: str,
-                    hosts: list[str], timeout: float, parallel: int) -> None:
-        try:
-            self._run(rollout, project, environment, ref, user, hosts, timeout, parallel)
-        except Exception as exc:  # a rollout thread never dies silently
-            self.log.exception("rollout crashed", rollout=rollout)
-            self.status(rollout, "failed", f"orchestrator error: {exc}")
-
-    def _run(self, rollout: str, project: str, environment: str, ref: str, user: str,
-             hosts: list[str], timeout: float, parallel: int) -> None:
-        """At most ``parallel`` hosts in flight; after the first failure no host
-        is started, the ones in flight are waited for, the rest skipped."""
-        self.status(rollout, "running", hosts=hosts, project=project, ref=ref, parallel=parallel)
-        pending = list(hosts)
-        inflight: dict[str, float] = {}  # host -> deadline
-        failure: str | None = None
-        done = 0
-        while pending or inflight:
-            while pending and failure is None and len(inflight) < parallel:
-                host = pending.pop(0)
-                self.store.set_step(rollout, host, state="requested")
-                self.send(topics.requests_for(host), "deploy.request",
-                          {"rollout": rollout, "project": project, "environment": environment,
-                           "ref": ref, "host": host, "user": user,
-                           "position": hosts.index(host)},
-                          correlation=rollout, ttl=timeout)
-                inflight[host] = time.monotonic() + timeout
-            if not inflight:
-                break
-            with self.cond:
-                self.cond.wait_for(
-                    lambda: self.stopping.is_set()
-                    or any((rollout, h) in self.results for h in inflight),
-                    max(0.0, min(inflight.values()) - time.monotonic()))
-                answered = {h: self.results.pop((rollout, h)) for h in list(inflight)
-                            if (rollout, h) in self.results}
-            if self.stopping.is_set() and not answered:
-                return  # a restart picks it up again (next issue: resume)
-            now = time.monotonic()
-            for host in list(inflight):
-                result = answered.get(host)
-                if result is None and inflight[host] > now:
-                    continue
-                del inflight[host]
-                if result is None:
-                    result = {"status": "failed",
-                              "reason": f"no answer from {host} within {timeout:.0f}s"}
-                state = str(result.get("status"))
-                done += 1
-                self.store.set_step(rollout, host, state=state, release=result.get("release"),
-                                    commit=result.get("commit"), message=result.get("reason"))
-                self.send(topics.EVENTS, "deploy.rollout.status",
-                          {"rollout": rollout, "state": "running", "host": host,
-                           "host_state": state, "reason": result.get("reason"),
-                           "done": done, "total": len(hosts)}, correlation=rollout)
-                if state != "succeeded" and failure is None:
-                    failure = f"{host}: {state}: {result.get('reason')}"
-        if failure is not None:
-            for rest in pending:
-                self.store.set_step(rollout, rest, state="skipped")
-            self.status(rollout, "failed", failure)
-            return
-        self.status(rollout, "succeeded", hosts=hosts)
-
-
-__all__ = ["Orchestrator", "FINAL_STATES"]

@@ -71,7 +71,13 @@ def test_full_config(tmp_path, keys):
             hosts: [web1, web2]
             projects: [shop]
             request_timeout: 60
-            parallel: 2
+            strategy:
+              canary: 1
+              batch: 50%
+              auto_rollback: true
+            windows:
+              timezone: Europe/Berlin
+              allow: ["Mon-Fri 09:00-17:00"]
           prod:
             hosts: [web3]
         """)
@@ -101,9 +107,16 @@ def test_full_config(tmp_path, keys):
     api = cfg.projects["api-v2"]
     assert api.git == str(tmp_path / "repos" / "api.git")
     assert (api.scripts, api.script_timeout, api.keep) == ({}, 600, 5)
-    assert cfg.environments["staging"] == config.EnvironmentConfig(
-        "staging", ["web1", "web2"], ["shop"], 60, 2)
-    assert cfg.environments["prod"] == config.EnvironmentConfig("prod", ["web3"], None, 900, 1)
+    staging = cfg.environments["staging"]
+    assert (staging.name, staging.hosts, staging.projects, staging.request_timeout) == (
+        "staging", ["web1", "web2"], ["shop"], 60)
+    assert staging.strategy == {"canary": 1, "batch": "50%", "auto_rollback": True}
+    assert staging.windows.timezone == "Europe/Berlin"
+    assert [r.text for r in staging.windows.allow] == ["Mon-Fri 09:00-17:00"]
+    prod = cfg.environments["prod"]
+    assert (prod.hosts, prod.projects, prod.request_timeout, prod.strategy) == (
+        ["web3"], None, 900, {})
+    assert prod.windows.allow == () and prod.windows.deny == ()
     assert [pc.name for pc in cfg.projects_for_host("web1")] == ["shop"]
     assert [pc.name for pc in cfg.projects_for_host("web3")] == ["api-v2", "shop"]
     assert cfg.projects_for_host("nowhere") == []
@@ -240,8 +253,12 @@ def test_duplicate_top_level_key(tmp_path):
      "environments.prod.hosts.1", "expected a non-empty string, got 7"),
     ("environments:\n  prod:\n    hosts: [web1]\n    request_timeout: soon\n", 4,
      "environments.prod.request_timeout", "expected a number"),
-    ("environments:\n  prod:\n    hosts: [a]\n    parallel: 0\n", 4,
-     "environments.prod.parallel", "expected a number >= 1, got 0"),
+    ("environments:\n  prod:\n    hosts: [a]\n    strategy: {batch: 0}\n", 4,
+     "environments.prod.strategy", "batch must be at least 1 host"),
+    ("environments:\n  prod:\n    hosts: [a]\n    strategy: {canray: 1}\n", 4,
+     "environments.prod.strategy.canray", "unknown key (did you mean 'canary'?)"),
+    ("environments:\n  prod:\n    hosts: [a]\n    windows: {allow: [\"Mon-Fry 09:00-17:00\"]}\n", 4,
+     "environments.prod.windows", "unknown day"),
     ("environments:\n  prod: {}\n", 2, "environments.prod", "missing key 'hosts'"),
     ("keys:\n  policy: {signer: ci}\n", 2, "keys.policy", "expected a list of rules"),
     ("keys:\n  trusted:\n    ci: 'ed25519 AAAA ci'\n", 3, "keys.trusted.ci",

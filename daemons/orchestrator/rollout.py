@@ -1,0 +1,281 @@
+"""One rollout, run by the orchestrator in a thread of its own.
+
+The hosts are split into phases by the strategy (canary, then batches).
+Inside a phase at most ``window`` hosts are in flight. A host counts as
+failed when it reports failure or refusal, when it was seen alive before but
+its heartbeats stopped (offline: it is reported, not waited on), when it
+shows no progress for ``stuck`` seconds, or when it does not answer within
+the environment's ``request_timeout``. Once more than ``max_failures`` hosts
+have failed no new host is started; hosts still in flight are waited for,
+the rest are marked skipped, and with ``auto_rollback`` the hosts this
+rollout switched are switched back to the release they had.
+
+Everything needed to go on is in the store: a restarted orchestrator
+resumes from the host steps, asks hosts still marked ``requested`` again (the
+agent answers from its journal if it already did the work), and never
+redeploys a host that finished.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from deploybus import topics
+from deploybus.store import SETTLED_STEPS
+from deploybus.strategy import Strategy
+
+if TYPE_CHECKING:
+    from deploybus.daemons.orchestrator.service import Orchestrator
+
+#: A host whose last heartbeat is older than this many intervals is offline.
+OFFLINE_AFTER_BEATS = 3
+
+#: Seconds an automatic rollback waits for each host.
+ROLLBACK_TIMEOUT = 300.0
+
+FAILED_STATES = frozenset({"failed", "refused", "offline"})
+
+
+class Stopping(Exception):
+    """The orchestrator is shutting down: leave the rollout for the next start."""
+
+
+class RolloutRun:
+    """See the module docstring."""
+
+    def __init__(self, orch: Orchestrator, record: dict[str, Any], strategy: Strategy,
+                 request_timeout: float) -> None:
+        self.orch, self.store, self.cond = orch, orch.store, orch.cond
+        self.id: str = record["id"]
+        self.project: str = record["project"]
+        self.environment: str = record["environment"]
+        self.ref: str = record["ref"]
+        self.user: str = record["user"]
+        self.action: str = record.get("action") or "deploy"
+        self.target_release: str | None = record.get("target_release")
+        self.hosts: list[str] = [h["host"] for h in record["hosts"]]
+        self.strategy = strategy
+        self.request_timeout = request_timeout
+        self.paused = record["state"] == "paused"
+        self.abort_reason: str | None = None
+        self.promoted = False
+        self.log = orch.log.bind(rollout=self.id)
+        self.thread = threading.Thread(target=self.run, name=f"rollout-{self.id}", daemon=True)
+
+    # -- control (called from the orchestrator's handler thread) -----------------------
+
+    def control(self, action: str, actor: str) -> str:
+        with self.cond:
+            if action == "pause":
+                self.paused = True
+            elif action == "resume":
+                self.paused = False
+            elif action == "promote":
+                self.promoted, self.paused = True, False
+            elif action == "abort":
+                self.abort_reason = f"aborted by {actor}"
+            self.cond.notify_all()
+        return action
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _wait(self, predicate: Any, timeout: float | None) -> None:
+        """Wait on the shared condition; raise Stopping on shutdown."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.orch.stopping.is_set() or predicate(), timeout)
+        if self.orch.stopping.is_set():
+            raise Stopping
+
+    def _offline(self, host: str) -> str | None:
+        for h in self.store.hosts():
+            if h["name"] == host:
+                interval = h["info"].get("interval", 10) or 10
+                if h["age"] > interval * OFFLINE_AFTER_BEATS:
+                    return f"host offline: last heartbeat {h['age']:.0f}s ago"
+        return None  # never seen: ask anyway; the request expires if nobody takes it
+
+    def _request(self, host: str, *, rollout: str, action: str, release: str | None,
+                 ttl: float) -> None:
+        body: dict[str, Any] = {"rollout": rollout, "project": self.project,
+                                "environment": self.environment, "ref": self.ref,
+                                "host": host, "user": self.user, "action": action,
+                                "position": self.hosts.index(host)}
+        if release:
+            body["release"] = release
+        self.orch.expect(rollout, host)
+        self.orch.send(topics.requests_for(host), "deploy.request", body, correlation=rollout,
+                       ttl=ttl)
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Stopping:
+            self.log.info("rollout left for the next start")
+        except Exception as exc:  # a rollout thread never dies silently
+            self.log.exception("rollout crashed")
+            self.orch.status(self.id, "failed", f"orchestrator error: {exc}")
+            self.orch.finished(self)
+        else:
+            self.orch.finished(self)
+
+    def _run(self) -> None:
+        steps = self.store.steps(self.id)
+        failures = sum(1 for s in steps.values() if s["state"] in FAILED_STATES)
+        phases = self.strategy.phases(self.hosts)
+        self.orch.status(self.id, "paused" if self.paused else "running", hosts=self.hosts,
+                         phases=phases, strategy=self.strategy.to_dict())
+        for i, phase in enumerate(phases):
+            todo = [h for h in phase if steps.get(h, {}).get("state") not in SETTLED_STEPS]
+            failures += self._phase(i, todo, failures)
+            if self.abort_reason or failures > self.strategy.max_failures:
+                break
+            if i < len(phases) - 1:
+                self._between(i)
+                if self.abort_reason:
+                    break
+        steps = self.store.steps(self.id)
+        for host, st in steps.items():
+            if st["state"] not in SETTLED_STEPS:
+                self.store.set_step(self.id, host, state="skipped")
+        ok = sum(1 for s in steps.values() if s["state"] == "succeeded")
+        if self.abort_reason:
+            self._maybe_rollback()
+            self.orch.status(self.id, "aborted", self.abort_reason, succeeded=ok,
+                             failed=failures)
+        elif failures > self.strategy.max_failures:
+            steps = self.store.steps(self.id)
+            failed = [h for h, s in steps.items() if s["state"] in FAILED_STATES]
+            reason = (f"halted: {failures} host(s) failed (max_failures "
+                      f"{self.strategy.max_failures}): {', '.join(failed)}")
+            if failed:
+                first = steps[failed[0]]
+                reason += f"; {failed[0]}: {first['state']}: {first['message']}"
+            rolled = self._maybe_rollback()
+            self.orch.status(self.id, "failed", reason, failed_host=failed[0] if failed else None,
+                             succeeded=ok, failed=failures, rolled_back=rolled)
+        else:
+            self.orch.status(self.id, "succeeded", None, succeeded=ok, failed=failures,
+                             hosts=self.hosts)
+
+    def _phase(self, index: int, todo: list[str], failures_before: int) -> int:
+        """Run one phase; returns the number of hosts that failed in it."""
+        window = self.strategy.in_flight(todo) if todo else 0
+        pending = list(todo)
+        inflight: dict[str, float] = {}  # host -> deadline (request timeout)
+        failures = 0
+        steps = self.store.steps(self.id)
+        while pending or inflight:
+            halted = self.abort_reason or failures_before + failures > self.strategy.max_failures
+            while pending and not halted and not self.paused and len(inflight) < window:
+                host = pending.pop(0)
+                offline = self._offline(host)
+                if offline:
+                    failures += 1
+                    self._settle(host, {"status": "offline", "reason": offline}, index)
+                    halted = failures_before + failures > self.strategy.max_failures
+                    continue
+                if steps.get(host, {}).get("state") != "requested":
+                    self.store.set_step(self.id, host, state="requested")
+                self._request(host, rollout=self.id, action=self.action,
+                              release=self.target_release, ttl=self.request_timeout)
+                inflight[host] = time.monotonic() + self.request_timeout
+            if not inflight:
+                if pending and self.paused and not halted:
+                    self.orch.status(self.id, "paused", "paused; resume or promote to go on")
+                    self._wait(lambda: not self.paused or self.abort_reason, None)
+                    self.orch.status(self.id, "running", None)
+                    continue
+                break
+            self._wait(lambda: any(self.orch.has_result(self.id, h) for h in inflight),
+                       max(0.05, min(self._deadline(h, d) for h, d in inflight.items())
+                           - time.monotonic()))
+            now = time.monotonic()
+            for host in list(inflight):
+                result = self.orch.take_result(self.id, host)
+                if result is None:
+                    if inflight[host] <= now:
+                        result = {"status": "failed", "reason":
+                                  f"no answer from {host} within {self.request_timeout:.0f}s"}
+                    elif self._deadline(host, inflight[host]) <= now:
+                        result = {"status": "failed", "reason":
+                                  f"stuck: no progress from {host} for "
+                                  f"{self.strategy.stuck:.0f}s"}
+                    else:
+                        continue
+                del inflight[host]
+                if result.get("status") != "succeeded":
+                    failures += 1
+                self._settle(host, result, index)
+        return failures
+
+    def _deadline(self, host: str, request_deadline: float) -> float:
+        last = self.orch.last_progress(self.id, host)
+        return min(request_deadline, last + self.strategy.stuck)
+
+    def _settle(self, host: str, result: dict[str, Any], phase: int) -> None:
+        state = str(result.get("status"))
+        self.store.set_step(self.id, host, state=state, release=result.get("release"),
+                            commit=result.get("commit"),
+                            previous_release=result.get("previous_release"),
+                            message=result.get("reason"))
+        steps = self.store.steps(self.id)
+        done = sum(1 for s in steps.values() if s["state"] in SETTLED_STEPS)
+        self.orch.send(topics.EVENTS, "deploy.rollout.status",
+                       {"rollout": self.id, "state": "running", "host": host,
+                        "host_state": state, "reason": result.get("reason"), "phase": phase,
+                        "done": done, "total": len(self.hosts)}, correlation=self.id)
+
+    def _between(self, index: int) -> None:
+        """After phase ``index``: the pause of the strategy, or wait for promote."""
+        if self.strategy.pause == "promote" and index == 0 and self.strategy.canary:
+            if not self.promoted:
+                self.paused = True
+                self.orch.status(self.id, "paused",
+                                 "canary done; promote to continue, abort to stop")
+                self._wait(lambda: self.promoted or not self.paused or self.abort_reason, None)
+                self.orch.status(self.id, "running", None)
+        elif isinstance(self.strategy.pause, int | float) and self.strategy.pause > 0:
+            deadline = time.monotonic() + float(self.strategy.pause)
+            self._wait(lambda: self.abort_reason is not None or time.monotonic() >= deadline,
+                       float(self.strategy.pause))
+        if self.paused:
+            self.orch.status(self.id, "paused", "paused; resume to go on")
+            self._wait(lambda: not self.paused or self.abort_reason, None)
+            self.orch.status(self.id, "running", None)
+
+    def _maybe_rollback(self) -> dict[str, str]:
+        """Switch hosts this rollout moved back to where they were, if asked to."""
+        if not self.strategy.auto_rollback or self.action != "deploy":
+            return {}
+        outcome: dict[str, str] = {}
+        rb = f"{self.id}.rb"
+        targets = {h: s for h, s in self.store.steps(self.id).items()
+                   if s["state"] == "succeeded" and not s.get("rolled_back")}
+        for host, st in targets.items():
+            if not st.get("previous_release"):
+                outcome[host] = "nothing to roll back to (first deploy)"
+                self.store.set_step(self.id, host, rolled_back="none")
+                continue
+            self._request(host, rollout=rb, action="rollback",
+                          release=st["previous_release"], ttl=ROLLBACK_TIMEOUT)
+        deadline = time.monotonic() + ROLLBACK_TIMEOUT
+        waiting = [h for h in targets if h not in outcome]
+        while waiting and time.monotonic() < deadline:
+            self._wait(lambda: any(self.orch.has_result(rb, h) for h in waiting),
+                       deadline - time.monotonic())
+            for host in list(waiting):
+                res = self.orch.take_result(rb, host)
+                if res is not None:
+                    waiting.remove(host)
+                    ok = res.get("status") == "succeeded"
+                    outcome[host] = "rolled back" if ok else f"rollback failed: {res.get('reason')}"
+                    self.store.set_step(self.id, host, rolled_back="ok" if ok else "failed")
+        for host in waiting:
+            outcome[host] = "rollback: no answer"
+            self.store.set_step(self.id, host, rolled_back="failed")
+        self.log.info("auto-rollback done", outcome=outcome)
+        return outcome

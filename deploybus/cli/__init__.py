@@ -1,0 +1,11 @@
+"""The ``deploybus`` command line (click).
+
+Daemons run as ``deploybus agent``, ``deploybus orchestrator`` and so on, one
+subcommand each, so systemd units stay one line. Exit codes are the named
+``EXIT_*`` constants of :mod:`deploybus.runner`.
+"""
+
+from deploybus.cli import admin, daemons, deploying  # noqa: F401 - they register commands
+from deploybus.cli.base import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,3 @@
+from deploybus.cli import main
+
+main()

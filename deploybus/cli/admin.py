@@ -1,0 +1,114 @@
+"""Keys, config check, git hooks, notify."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from deploybus import config as configmod
+from deploybus.cli.base import EXIT_CONFIG, State, cli, pass_state
+from deploybus.errors import ConfigError, DeployBusError
+from deploybus.runner import EXIT_FAILURE
+
+#: Seconds the post-receive hook tries to publish before giving up (never
+#: hold a push hostage to the bus).
+HOOK_PUBLISH_TIMEOUT = 5.0
+
+@cli.group()
+def keys() -> None:
+    """Signing keys."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path())
+def keys_generate(name: str, directory: str) -> None:
+    """Create NAME.key (private, 0600) and NAME.pub in DIR."""
+    from deploybus.refs import NAME_RE
+    from deploybus.signing import SigningKey
+    if not NAME_RE.fullmatch(name):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' only", param_hint="NAME")
+    try:
+        priv, pub = SigningKey.generate(name).save(directory)
+    except FileExistsError as exc:
+        click.echo(f"deploybus: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(f"private key: {priv}\npublic key:  {pub}\n{pub.read_text().strip()}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configuration file."""
+
+
+@config_group.command("check")
+@click.argument("file", required=False)
+@pass_state
+def config_check(state: State, file: str | None) -> None:
+    """Check FILE (default: --config) and say what it defines."""
+    path = file or state.config_path
+    try:
+        cfg = configmod.load(path)
+    except ConfigError as exc:
+        click.echo(f"{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    from deploybus.bus import redact
+    click.echo(f"{path}: ok: bus {redact(cfg.bus_url)}, {len(cfg.projects)} project(s), "
+               f"{len(cfg.environments)} environment(s), "
+               f"{len({h for e in cfg.environments.values() for h in e.hosts})} host(s), "
+               f"{len(cfg.trusted)} trusted key(s)")
+
+
+@cli.group()
+def hook() -> None:
+    """Git hooks."""
+
+
+@hook.command("install")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--project", required=True, help="Project the repository belongs to.")
+@click.option("--force", is_flag=True, help="Replace a post-receive hook not written by us.")
+@pass_state
+def hook_install(state: State, repo: str, project: str, force: bool) -> None:
+    """Install the post-receive hook into bare repository REPO."""
+    from deploybus.daemons.git_listener.hook import install
+    cfg = state.config
+    try:
+        path = install(Path(repo), project=project, config=cfg.path, force=force)
+    except DeployBusError as exc:
+        click.echo(f"deploybus: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(f"installed {path}")
+
+
+@cli.group()
+def notify() -> None:
+    """Publish events from scripts and hooks."""
+
+
+@notify.command("push")
+@click.option("--project", required=True)
+@pass_state
+def notify_push(state: State, project: str) -> None:
+    """Read 'old new ref' lines (post-receive input) and publish git.push events."""
+    from deploybus.bus import connect
+    from deploybus.daemons.git_listener.hook import publish_pushes, pushes
+    bodies = pushes(sys.stdin, project=project)
+    try:
+        cfg = state.config
+        key = cfg.load_signing_key() if cfg.signing_key else None
+        bus = connect(cfg.bus_url, client_name=f"hook-{project}",
+                      publish_timeout=HOOK_PUBLISH_TIMEOUT)
+        try:
+            n = publish_pushes(bus, bodies, sender=f"hook@{socket.gethostname()}", signing_key=key)
+        finally:
+            bus.close()
+        click.echo(f"deploybus: published {n} push event(s) for {project}", err=True)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        # Never fail the push: the mirrors catch up on the next fetch.
+        click.echo(f"deploybus: warning: push event not published: {exc}", err=True)
+
+

@@ -1,0 +1,81 @@
+"""One subcommand per daemon, so systemd units stay one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from deploybus import log
+from deploybus.cli.base import State, _context, _run, cli, host_option, pass_state
+
+
+@cli.command()
+@host_option
+@pass_state
+def agent(state: State, host: str | None) -> None:
+    """Run the deploy agent for this host."""
+    from deploybus.daemons.deploy_agent.agent import DeployAgent
+    log.setup()
+    ctx = _context(state, host, daemon="agent")
+    _run("agent", ctx, [DeployAgent(ctx)])
+
+
+@cli.command()
+@host_option
+@pass_state
+def fetcher(state: State, host: str | None) -> None:
+    """Run the repo fetcher (local git mirrors) for this host."""
+    from deploybus.daemons.repo_fetcher.service import RepoFetcher
+    log.setup()
+    ctx = _context(state, host, daemon="fetcher")
+    _run("fetcher", ctx, [RepoFetcher(ctx)])
+
+
+@cli.command()
+@host_option
+@click.option("--interval", default=10.0, show_default=True, help="Seconds between heartbeats.")
+@pass_state
+def keepalive(state: State, host: str | None, interval: float) -> None:
+    """Run the keepalive (heartbeats and presence) for this host."""
+    from deploybus.daemons.keepalive.service import Keepalive
+    log.setup()
+    ctx = _context(state, host, daemon="keepalive")
+    _run("keepalive", ctx, [Keepalive(ctx, interval=interval)])
+
+
+@cli.command()
+@pass_state
+def orchestrator(state: State) -> None:
+    """Run the orchestrator (rollouts)."""
+    from deploybus.daemons.orchestrator.service import Orchestrator
+    log.setup()
+    ctx = _context(state, None, daemon="orchestrator", need_key=True)
+    _run("orchestrator", ctx, [Orchestrator(ctx)])
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@pass_state
+def web(state: State, bind: str, port: int) -> None:
+    """Run the web front end and JSON API."""
+    from deploybus.frontend.server import WebServer
+    log.setup()
+    ctx = _context(state, None, daemon="web", need_key=True)
+    _run("web", ctx, [WebServer(ctx, bind=bind, port=port)])
+
+
+@cli.command()
+@click.option("--port", default=8080, show_default=True, help="Web UI port (on 127.0.0.1).")
+@click.option("--bind", default="127.0.0.1", show_default=True)
+@click.option("--data", default="./deploybus-data", show_default=True, type=click.Path(),
+              help="Where the sample project, keys, state and deploys live.")
+def up(port: int, bind: str, data: str) -> None:
+    """Everything in one process on the in-process bus, with a sample project."""
+    from deploybus import allinone
+    log.setup()
+    sys.exit(allinone.run(Path(data), bind=bind, port=port))
+
+

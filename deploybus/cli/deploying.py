@@ -1,0 +1,375 @@
+"""Deploying and steering: deploy, rollback, pause/resume/promote/abort,
+history, hosts, locks and the audit trail."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import sys
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from deploybus import envelope, topics
+from deploybus.cli.base import State, cli, pass_state
+from deploybus.config import Config
+from deploybus.errors import BusError, DeployBusError
+from deploybus.runner import (
+    EXIT_FAILURE,
+    EXIT_REFUSED,
+    EXIT_TEMPFAIL,
+    EXIT_UNAVAILABLE,
+)
+
+#: How long a deploy.rollout may wait for the orchestrator before it expires.
+ROLLOUT_TTL = 3600
+
+#: Final rollout states and the exit code ``--wait`` gives for each.
+EXIT_FOR_STATE = {"succeeded": 0, "failed": EXIT_FAILURE, "aborted": EXIT_FAILURE,
+                  "refused": EXIT_REFUSED}
+
+
+def print_event(env: envelope.Envelope) -> None:
+    b = env.body
+    host = b.get("host")
+    if env.type == "deploy.progress":
+        click.echo(f"[{host}] {b.get('step')}: {b.get('message')}")
+        for line in b.get("lines") or []:
+            click.echo(f"[{host}]   | {line}")
+    elif env.type == "deploy.result":
+        tail = f" release {b.get('release')}" if b.get("status") == "succeeded" \
+            else f": {b.get('reason')}"
+        click.echo(f"[{host}] {b.get('status')}{tail}")
+    elif env.type == "deploy.rollout.status":
+        if b.get("done"):
+            click.echo(f"rollout: {b.get('done')}/{b.get('total')} hosts done")
+        elif b.get("control_refused"):
+            click.echo(f"rollout {b.get('rollout')}: {b.get('control')} refused: "
+                       f"{b.get('control_refused')}")
+        elif b.get("state") != "running" or b.get("phases"):
+            reason = f": {b.get('reason')}" if b.get("reason") else ""
+            phases = b.get("phases")
+            plan = (" (" + " | ".join(",".join(p) for p in phases) + ")") if phases else ""
+            click.echo(f"rollout {b.get('rollout')} {b.get('state')}{reason}{plan}")
+
+
+def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
+           summary: str) -> None:
+    """Publish a signed ``deploy.rollout``; with ``wait`` follow it and exit with its outcome."""
+    from deploybus.bus import connect
+    from deploybus.store import FINAL_STATES
+
+    key = cfg.load_signing_key()
+    rollout = body["rollout"]
+    verifier = cfg.verifier()
+    finished = threading.Event()
+    final: dict[str, Any] = {}
+
+    def on_event(d: Any) -> None:
+        try:
+            env = envelope.decode(d.body)
+        except DeployBusError:
+            d.ack()
+            return
+        if env.correlation == rollout:
+            if env.type == "deploy.rollout.status":
+                try:
+                    verifier.signer(env)
+                except DeployBusError as exc:
+                    click.echo(f"ignoring unverified status message: {exc}", err=True)
+                    d.ack()
+                    return
+            print_event(env)
+            if env.type == "deploy.rollout.status" and env.body.get("state") in FINAL_STATES:
+                final.update(env.body)
+                finished.set()
+        d.ack()
+
+    bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")
+    try:
+        if wait:
+            bus.subscribe(topics.EVENTS, on_event)
+        env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
+                           correlation=rollout, ttl=ROLLOUT_TTL)
+        bus.publish(topics.ROLLOUTS, key.sign(env).encode())
+        click.echo(f"rollout {rollout}: {summary}")
+        if not wait:
+            return
+        if not finished.wait(timeout):
+            click.echo(f"rollout {rollout}: still not finished after {timeout:.0f}s", err=True)
+            sys.exit(EXIT_TEMPFAIL)
+    except BusError as exc:
+        click.echo(f"deploybus: bus unavailable: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    finally:
+        bus.close()
+    sys.exit(EXIT_FOR_STATE.get(final.get("state", ""), EXIT_FAILURE))
+
+
+def check_target(cfg: Config, project: str, environment: str) -> None:
+    if project not in cfg.projects:
+        raise click.BadParameter(f"unknown project {project!r} (known: "
+                                 f"{', '.join(cfg.projects) or 'none'})", param_hint="PROJECT")
+    if environment not in cfg.environments:
+        raise click.BadParameter(f"unknown environment {environment!r} (known: "
+                                 f"{', '.join(cfg.environments)})", param_hint="--env")
+
+
+def host_list(hosts: str | None) -> list[str] | None:
+    return [h.strip() for h in hosts.split(",") if h.strip()] if hosts else None
+
+
+def batch_value(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def canary_value(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def pause_value(value: str | None) -> float | str | None:
+    if value is None or value == "promote":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter("seconds or 'promote'", param_hint="--pause") from None
+
+
+common = [
+    click.option("--env", "environment", required=True, help="Environment."),
+    click.option("--hosts", default=None, help="Comma-separated subset of the environment."),
+    click.option("--user", default=None, help="Who asks (default: your login name)."),
+    click.option("--wait/--no-wait", default=False, help="Follow progress until the end."),
+    click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits."),
+    click.option("--override", default=None, metavar="REASON",
+                 help="Deploy outside the environment's windows; the reason is audited."),
+    click.option("--canary", default=None, help="Canary: number of hosts or a host name."),
+    click.option("--batch", default=None, help="Hosts per batch after the canary: N or N%."),
+    click.option("--window", type=click.IntRange(min=0), default=None,
+                 help="At most this many hosts in flight (0: whole batch)."),
+    click.option("--pause", default=None, help="Seconds between batches, or 'promote'."),
+    click.option("--max-failures", type=click.IntRange(min=0), default=None,
+                 help="Halt once more hosts than this have failed."),
+    click.option("--auto-rollback/--no-auto-rollback", default=None,
+                 help="On halt, switch the hosts this rollout moved back."),
+    click.option("--stuck", type=click.FloatRange(min=1), default=None,
+                 help="Seconds without progress after which a host counts as failed."),
+]
+
+
+def with_common(f: Any) -> Any:
+    for option in reversed(common):
+        f = option(f)
+    return f
+
+
+def rollout_body(state: State, project: str, environment: str, o: dict[str, Any]) -> dict:
+    cfg = state.config
+    check_target(cfg, project, environment)
+    strategy = {"canary": canary_value(o["canary"]), "batch": batch_value(o["batch"]),
+                "window": o["window"], "pause": pause_value(o["pause"]),
+                "max_failures": o["max_failures"], "auto_rollback": o["auto_rollback"],
+                "stuck": o["stuck"]}
+    return {"rollout": uuid.uuid4().hex[:16], "project": project, "environment": environment,
+            "hosts": host_list(o["hosts"]), "user": o["user"] or getpass.getuser(),
+            "strategy": {k: v for k, v in strategy.items() if v is not None},
+            "override": o["override"]}
+
+
+@cli.command()
+@click.argument("project")
+@click.argument("ref")
+@with_common
+@pass_state
+def deploy(state: State, project: str, ref: str, environment: str, **o: Any) -> None:
+    """Roll REF of PROJECT out to ENV.
+
+    The environment's strategy applies; the options override it for this
+    rollout (e.g. --canary 1 --batch 25% --auto-rollback). With --wait,
+    prints per-host progress and exits 0 only when the rollout succeeded,
+    1 when it failed or was aborted, 77 when it was refused, 75 on timeout.
+    """
+    from deploybus.refs import check_ref
+    try:
+        check_ref(ref)
+    except DeployBusError as exc:
+        raise click.BadParameter(str(exc), param_hint="REF") from None
+    body = rollout_body(state, project, environment, o) | {"ref": ref, "action": "deploy"}
+    hosts = f" ({', '.join(body['hosts'])})" if body["hosts"] else ""
+    submit(state.config, body, wait=o["wait"], timeout=o["timeout"],
+           summary=f"{project} {ref} -> {environment}{hosts}")
+
+
+@cli.command()
+@click.argument("project")
+@click.option("--to", "release", default=None,
+              help="Release id to switch to (default: each host's previous good release).")
+@with_common
+@pass_state
+def rollback(state: State, project: str, environment: str, release: str | None,
+             **o: Any) -> None:
+    """Switch PROJECT on ENV back to the previous good release (or --to RELEASE)."""
+    body = rollout_body(state, project, environment, o) | {"action": "rollback",
+                                                           "release": release}
+    submit(state.config, body, wait=o["wait"], timeout=o["timeout"],
+           summary=f"rollback {project} on {environment} to {release or 'previous release'}")
+
+
+def control(state: State, rollout: str, action: str, user: str | None) -> None:
+    from deploybus.bus import connect
+    cfg = state.config
+    key = cfg.load_signing_key()
+    env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
+                                          "user": user or getpass.getuser()},
+                       sender=f"cli@{socket.gethostname()}", correlation=rollout, ttl=600)
+    try:
+        with connect(cfg.bus_url, client_name=f"cli-{action}") as bus:
+            bus.publish(topics.CONTROL, key.sign(env).encode())
+    except BusError as exc:
+        click.echo(f"deploybus: bus unavailable: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    click.echo(f"rollout {rollout}: {action} sent")
+
+
+for _action, _doc in (("pause", "Stop starting hosts once those in flight are done."),
+                      ("resume", "Go on with a paused rollout."),
+                      ("promote", "Go on after the canary (strategy pause: promote)."),
+                      ("abort", "Start no more hosts; end the rollout as aborted.")):
+    def _make(action: str, doc: str) -> None:
+        @cli.command(action, help=f"{doc} ROLLOUT is the id deploy printed.")
+        @click.argument("rollout")
+        @click.option("--user", default=None)
+        @pass_state
+        def _cmd(state: State, rollout: str, user: str | None) -> None:
+            control(state, rollout, action, user)
+    _make(_action, _doc)
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_state
+def history(state: State, limit: int, as_json: bool) -> None:
+    """Recent rollouts from the state database."""
+    from deploybus.store import Store
+    rows = Store(state.config.state_url).rollouts(limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        hosts = ", ".join(f"{h['host']}:{h['state']}" for h in r["hosts"])
+        click.echo(f"{r['created_at'][:19]}  {r['id']}  {r['project']} {r['ref']} -> "
+                   f"{r['environment']}  {r['state']}  by {r['user']}  [{hosts}]"
+                   + (f"\n    {r['reason']}" if r["reason"] else ""))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_state
+def hosts(state: State, as_json: bool) -> None:
+    """Hosts seen by the orchestrator, and what runs where."""
+    from deploybus.store import Store
+    rows = Store(state.config.state_url).hosts()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for h in rows:
+        projects = h["info"].get("projects", {})
+        running = ", ".join(f"{p}={v.get('ref')}@{(v.get('commit') or '')[:8]}"
+                            for p, v in projects.items()) or "-"
+        click.echo(f"{h['name']:20} seen {h['age']:6.0f}s ago  {running}")
+
+
+@cli.command()
+@click.argument("project")
+@click.option("--env", "environment", required=True)
+@click.option("--reason", required=True, help="Shown to whoever is refused.")
+@click.option("--ttl", default="4h", show_default=True, help="Expiry: 30m, 4h, 2d.")
+@click.option("--user", default=None)
+@pass_state
+def lock(state: State, project: str, environment: str, reason: str, ttl: str,
+         user: str | None) -> None:
+    """Hold PROJECT on ENV: rollouts are refused until unlock or expiry."""
+    from deploybus.store import Store
+    check_target(state.config, project, environment)
+    seconds = parse_duration(ttl)
+    who = user or getpass.getuser()
+    store = Store(state.config.state_url)
+    held = store.acquire_lock(project=project, environment=environment, owner=who,
+                              reason=reason, ttl=seconds)
+    if held is not None:
+        click.echo(f"already locked by {held['rollout'] or 'hand'} ({held['owner']}: "
+                   f"{held['reason']}, expires {held['expires_at'][:19]}Z)", err=True)
+        sys.exit(EXIT_REFUSED)
+    store.audit(actor=who, action="lock", project=project, environment=environment,
+                reason=reason, ttl=seconds)
+    click.echo(f"locked {project}/{environment} for {timedelta(seconds=seconds)}: {reason}")
+
+
+@cli.command()
+@click.argument("project")
+@click.option("--env", "environment", required=True)
+@click.option("--user", default=None)
+@pass_state
+def unlock(state: State, project: str, environment: str, user: str | None) -> None:
+    """Release a lock held by hand (a rollout's lock ends with the rollout)."""
+    from deploybus.store import Store
+    store = Store(state.config.state_url)
+    held = store.lock(project, environment)
+    if held is None:
+        click.echo(f"{project}/{environment} is not locked")
+        return
+    if held["rollout"]:
+        click.echo(f"locked by running rollout {held['rollout']}: abort it instead", err=True)
+        sys.exit(EXIT_REFUSED)
+    store.release_lock(project, environment)
+    store.audit(actor=user or getpass.getuser(), action="unlock", project=project,
+                environment=environment, was=held)
+    click.echo(f"unlocked {project}/{environment}")
+
+
+@cli.command()
+@pass_state
+def locks(state: State) -> None:
+    """Locks held now."""
+    from deploybus.store import Store
+    for held in Store(state.config.state_url).locks():
+        click.echo(f"{held['project']}/{held['environment']}  "
+                   f"{held['rollout'] or 'by hand'}  {held['owner']}: {held['reason']}  "
+                   f"(expires {held['expires_at'][:19]}Z)")
+
+
+@cli.command()
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def audit(state: State, limit: int, as_json: bool) -> None:
+    """The append-only audit trail, newest first."""
+    from deploybus.store import Store
+    rows = Store(state.config.state_url).audit_trail(limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for a in rows:
+        click.echo(f"{a['at'][:19]}  {a['actor']:12} {a['action']:16} "
+                   f"{a['project'] or '-'}/{a['environment'] or '-'} {a['rollout'] or ''} "
+                   f"{json.dumps(a['detail'], sort_keys=True)}")
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter("use 90s, 30m, 4h or 2d", param_hint="--ttl") from None
