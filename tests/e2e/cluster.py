@@ -60,8 +60,13 @@ class Daemon:
 
 
 class Cluster:
-    def __init__(self, base: Path, bus_url: str, hosts: list[str]) -> None:
+    def __init__(self, base: Path, bus_url: str, hosts: list[str], *,
+                 env_extra: str = "", app_scripts: dict[str, str] | None = None) -> None:
         self.base, self.bus_url, self.hosts = base, bus_url, hosts
+        self.env_extra = env_extra
+        self.app_scripts = app_scripts or {
+            "pre": 'echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"',
+            "post": 'test -f VERSION && echo "post $DEPLOYBUS_COMMIT"'}
         self.daemons: list[Daemon] = []
         self.env = {**os.environ, "DEPLOYBUS_LOG_LEVEL": "info", **GIT_ENV}
         self.bare = base / "git" / "app.git"
@@ -85,6 +90,7 @@ class Cluster:
         self.work.mkdir()
         git("init", "-q", "-b", "main", cwd=self.work)
         git("remote", "add", "origin", str(self.bare), cwd=self.work)
+        scripts_yaml = "".join(f"      {k}: {json.dumps(v)}\n" for k, v in self.app_scripts.items())
         hosts_yaml = "".join(f"  {h}:\n    root: {self.root(h)}\n    state_dir: {self.state(h)}\n"
                              for h in self.hosts)
         self.config.write_text(f"""\
@@ -105,9 +111,7 @@ hosts:
   app:
     git: {self.bare}
     scripts:
-      pre: echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"
-      post: test -f VERSION && echo "post $DEPLOYBUS_COMMIT"
-  broken:
+{scripts_yaml}  broken:
     git: {self.bare}
     scripts:
       post: echo "smoke test failed" && exit 3
@@ -115,7 +119,7 @@ environments:
   prod:
     hosts: [{", ".join(self.hosts)}]
     request_timeout: 60
-""")
+{self.env_extra}""")
         out = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
                               "hook", "install", str(self.bare), "--project", "app"],
                              env=self.env, capture_output=True, text=True)
@@ -138,10 +142,11 @@ environments:
         self.daemons.append(d)
         return d
 
-    def start_all(self) -> None:
+    def start_all(self, *, fetchers: bool = True) -> None:
         started = [self.start("orchestrator", "orchestrator")]
         for h in self.hosts:
-            started.append(self.start(f"fetcher-{h}", "fetcher", "--host", h))
+            if fetchers:
+                started.append(self.start(f"fetcher-{h}", "fetcher", "--host", h))
             started.append(self.start(f"agent-{h}", "agent", "--host", h))
         for d in started:
             if not d.ready.wait(60):
@@ -149,10 +154,28 @@ environments:
 
     def deploy(self, project: str, ref: str, *extra: str,
                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.cli("deploy", project, ref, "--env", "prod", "--wait",
+                        "--timeout", str(timeout), *extra, timeout=timeout + 30)
+
+    def deploy_async(self, project: str, ref: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
+                                 "deploy", project, ref, "--env", "prod", "--wait",
+                                 "--timeout", "120", *extra], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
-                               "deploy", project, ref, "--env", "prod", "--wait",
-                               "--timeout", str(timeout), *extra],
-                              env=self.env, capture_output=True, text=True, timeout=timeout + 30)
+                               *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def history(self) -> list[dict]:
+        r = self.cli("history", "--json", "--limit", "100")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def version(self, host: str, project: str = "app") -> str | None:
+        v = self.current(host, project) / "VERSION"
+        return v.read_text().strip() if v.exists() else None
 
     def stop(self) -> None:
         for d in reversed(self.daemons):
