@@ -7,9 +7,12 @@ Layout (every key is documented in docs/configuration.md)::
     state:        {url}                      # SQLAlchemy URL of the rollout store
     defaults:     {root, state_dir}          # per-host defaults
     hosts:        {name: {root, state_dir}}  # optional per-host overrides
-    projects:     {name: {git, scripts: {pre, post}, script_timeout, keep}}
+    projects:     {name: {git, scripts: {pre, post, post_switch}, script_timeout, keep,
+                          shared: [..], health: {command|url, retries, interval, timeout},
+                          user, group, output: {interval, lines, line_chars, max_bytes}}}
     environments: {name: {hosts: [..], projects: [..], request_timeout, strategy: {..},
-                          windows: {timezone, allow, deny}}}
+                          windows: {timezone, allow, deny},
+                          haproxy: {socket, backend, servers, drain_timeout}}}
 
 Relative paths are taken relative to the directory of the config file.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import yaml
 
 from deploybus.errors import ConfigError, DeployBusError
+from deploybus.haproxy import HAProxy
 from deploybus.refs import NAME_RE
 from deploybus.strategy import DEFAULTS as STRATEGY_DEFAULTS
 from deploybus.strategy import Strategy
@@ -33,7 +38,42 @@ from deploybus.windows import Windows
 STRATEGY_KEYS = tuple(STRATEGY_DEFAULTS)
 
 #: Hook scripts a project may define, in the order the agent runs them.
-SCRIPT_STEPS = ("pre", "post")
+SCRIPT_STEPS = ("pre", "post", "post_switch")
+
+#: User and group names (POSIX portable, as useradd takes them).
+_ACCOUNT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+#: Keys of a project's ``health`` mapping.
+HEALTH_KEYS = ("command", "url", "retries", "interval", "timeout")
+
+#: Keys of a project's ``output`` mapping.
+OUTPUT_KEYS = ("interval", "lines", "line_chars", "max_bytes")
+
+
+@dataclass
+class HealthConfig:
+    """A check of the new release before the switch: a command or an HTTP URL."""
+
+    command: str | None = None
+    url: str | None = None
+    #: Attempts in all; the check fails when every one of them failed.
+    retries: int = 3
+    interval: float = 2.0
+    timeout: float = 10.0
+
+
+@dataclass
+class OutputConfig:
+    """How script output is streamed back as ``deploy.progress`` lines."""
+
+    #: Seconds a line may wait before its batch is sent.
+    interval: float = 0.5
+    #: Lines that make a batch full (sent at once).
+    lines: int = 50
+    #: Characters kept of one line.
+    line_chars: int = 2000
+    #: Bytes of output reported per step; the rest is counted, not sent.
+    max_bytes: int = 1024 * 1024
 
 
 @dataclass
@@ -43,6 +83,13 @@ class ProjectConfig:
     scripts: dict[str, str] = field(default_factory=dict)
     script_timeout: float = 600.0
     keep: int = 5
+    #: Paths (relative to a release) linked to ``<root>/<project>/shared/``.
+    shared: list[str] = field(default_factory=list)
+    health: HealthConfig | None = None
+    #: OS user (and group) the scripts and health command run as; None: the agent's.
+    user: str | None = None
+    group: str | None = None
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 @dataclass
@@ -53,6 +100,7 @@ class EnvironmentConfig:
     request_timeout: float = 900.0
     strategy: dict[str, Any] = field(default_factory=dict)   # see deploybus.strategy
     windows: Any = None                                      # deploybus.windows.Windows
+    haproxy: Any = None                                      # deploybus.haproxy.HAProxy
 
 
 @dataclass
@@ -269,7 +317,8 @@ def parse(text: str, path: Path) -> Config:
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))
         c.name(name, at)
-        pr = c.mapping(pr, at, ("git", "scripts", "script_timeout", "keep"))
+        pr = c.mapping(pr, at, ("git", "scripts", "script_timeout", "keep", "shared", "health",
+                                "user", "group", "output"))
         if "git" not in pr:
             raise c.fail(at, "missing key 'git' (the repository URL or path to deploy from)")
         git = c.string(pr["git"], at + ("git",))
@@ -281,12 +330,18 @@ def parse(text: str, path: Path) -> Config:
             name=name, git=git, scripts=scripts,
             script_timeout=c.number(pr.get("script_timeout", 600), at + ("script_timeout",),
                                     minimum=1),
-            keep=int(c.number(pr.get("keep", 5), at + ("keep",), minimum=1)))
+            keep=int(c.number(pr.get("keep", 5), at + ("keep",), minimum=1)),
+            shared=_shared(c, pr.get("shared"), at + ("shared",)),
+            health=_health(c, pr.get("health"), at + ("health",)),
+            user=_account(c, pr.get("user"), at + ("user",)),
+            group=_account(c, pr.get("group"), at + ("group",)),
+            output=_output(c, pr.get("output"), at + ("output",)))
 
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
         c.name(name, at)
-        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "strategy", "windows"))
+        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "strategy", "windows",
+                                "haproxy"))
         if "hosts" not in ev:
             raise c.fail(at, "missing key 'hosts'")
         hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
@@ -310,9 +365,98 @@ def parse(text: str, path: Path) -> Config:
             windows = Windows.parse(wspec)
         except DeployBusError as exc:
             raise c.fail(at + ("windows",), str(exc)) from None
+        haproxy = None
+        if ev.get("haproxy") is not None:
+            hat = at + ("haproxy",)
+            hp = c.mapping(ev["haproxy"], hat, ("socket", "backend", "servers", "drain_timeout"))
+            for k in ("socket", "backend"):
+                if k not in hp:
+                    raise c.fail(hat, f"missing key {k!r}")
+            servers = {str(h): c.string(v, hat + ("servers", str(h))) for h, v in
+                       c.mapping(hp.get("servers"), hat + ("servers",), None).items()}
+            for h in servers:
+                if h not in hosts:
+                    raise c.fail(hat + ("servers", h), f"{h!r} is not a host of {name}")
+            sock = c.string(hp["socket"], hat + ("socket",))
+            haproxy = HAProxy(
+                socket=str(c.path_value(sock, hat + ("socket",))) if "/" in sock else sock,
+                backend=c.string(hp["backend"], hat + ("backend",)), servers=servers,
+                drain_timeout=c.number(hp.get("drain_timeout", 30), hat + ("drain_timeout",)))
         cfg.environments[name] = EnvironmentConfig(
             name=name, hosts=hosts, projects=projects,
             request_timeout=c.number(ev.get("request_timeout", 900),
                                      at + ("request_timeout",), minimum=1),
-            strategy=strategy, windows=windows)
+            strategy=strategy, windows=windows, haproxy=haproxy)
     return cfg
+
+
+def _shared(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:
+    """Paths inside a release, relative and without ``..``: they become symlinks
+    into ``shared/``, so one that climbed out would link outside the project."""
+    if value is None:
+        return []
+    entries: list[str] = []
+    for i, raw in enumerate(c.strings(value, at)):
+        where = at + (str(i),)
+        if raw.startswith("/"):
+            raise c.fail(where, f"{raw!r} is absolute; shared paths are relative to the release")
+        parts = raw.rstrip("/").split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise c.fail(where, f"{raw!r} must not contain '..', '.' or empty parts")
+        if any(ch < " " or ch == "\x7f" for ch in raw):
+            raise c.fail(where, f"{raw!r} contains control characters")
+        if parts[0] == ".deploybus":
+            raise c.fail(where, f"{raw!r} is reserved")
+        path = "/".join(parts)
+        for other in entries:
+            if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+                raise c.fail(where, f"{raw!r} overlaps the shared entry {other!r}")
+        entries.append(path)
+    return entries
+
+
+def _account(c: _Checker, value: Any, at: tuple[str, ...]) -> str | None:
+    """A user or group name (checked against the host's accounts when a deploy runs)."""
+    if value is None:
+        return None
+    s = c.string(value, at)
+    if not _ACCOUNT_RE.fullmatch(s):
+        raise c.fail(at, f"{s!r:.40} is not a valid user or group name")
+    return s
+
+
+def _health(c: _Checker, value: Any, at: tuple[str, ...]) -> HealthConfig | None:
+    if value is None:
+        return None
+    h = c.mapping(value, at, HEALTH_KEYS)
+    if ("command" in h) == ("url" in h):
+        raise c.fail(at, "give exactly one of 'command' or 'url'")
+    hc = HealthConfig()
+    if "command" in h:
+        hc.command = c.string(h["command"], at + ("command",))
+    else:
+        url = c.string(h["url"], at + ("url",))
+        if not url.startswith(("http://", "https://")):
+            raise c.fail(at + ("url",), f"{url!r:.60} is not an http:// or https:// URL")
+        hc.url = url
+    if "retries" in h:
+        hc.retries = int(c.number(h["retries"], at + ("retries",), minimum=1))
+    if "interval" in h:
+        hc.interval = c.number(h["interval"], at + ("interval",), minimum=0)
+    if "timeout" in h:
+        hc.timeout = c.number(h["timeout"], at + ("timeout",), minimum=0.1)
+    return hc
+
+
+def _output(c: _Checker, value: Any, at: tuple[str, ...]) -> OutputConfig:
+    o = c.mapping(value, at, OUTPUT_KEYS)
+    oc = OutputConfig()
+    if "interval" in o:
+        oc.interval = c.number(o["interval"], at + ("interval",), minimum=0.05)
+    if "lines" in o:
+        oc.lines = int(c.number(o["lines"], at + ("lines",), minimum=1))
+    if "line_chars" in o:
+        oc.line_chars = int(c.number(o["line_chars"], at + ("line_chars",), minimum=80))
+    if "max_bytes" in o:
+        oc.max_bytes = int(c.number(o["max_bytes"], at + ("max_bytes",), minimum=1024))
+    return oc

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from deploybus import topics
+from deploybus.haproxy import HAProxy, HAProxyError
 from deploybus.store import SETTLED_STEPS
 from deploybus.strategy import Strategy
 
@@ -46,7 +47,7 @@ class RolloutRun:
     """See the module docstring."""
 
     def __init__(self, orch: Orchestrator, record: dict[str, Any], strategy: Strategy,
-                 request_timeout: float) -> None:
+                 request_timeout: float, haproxy: HAProxy | None = None) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
         self.id: str = record["id"]
         self.project: str = record["project"]
@@ -58,6 +59,7 @@ class RolloutRun:
         self.hosts: list[str] = [h["host"] for h in record["hosts"]]
         self.strategy = strategy
         self.request_timeout = request_timeout
+        self.haproxy = haproxy
         self.paused = record["state"] == "paused"
         self.abort_reason: str | None = None
         self.promoted = False
@@ -178,6 +180,17 @@ class RolloutRun:
                     self._settle(host, {"status": "offline", "reason": offline}, index)
                     halted = failures_before + failures > self.strategy.max_failures
                     continue
+                if self.haproxy is not None:
+                    try:
+                        self.haproxy.drain(host)
+                        self.store.add_log(self.id, host, "drain",
+                                           f"{self.haproxy.backend}/{self.haproxy.server(host)}"
+                                           " out of rotation (maint)")
+                    except HAProxyError as exc:
+                        failures += 1
+                        self._settle(host, {"status": "failed",
+                                            "reason": f"could not drain: {exc}"}, index)
+                        continue
                 if steps.get(host, {}).get("state") != "requested":
                     self.store.set_step(self.id, host, state="requested")
                 self._request(host, rollout=self.id, action=self.action,
@@ -218,6 +231,16 @@ class RolloutRun:
 
     def _settle(self, host: str, result: dict[str, Any], phase: int) -> None:
         state = str(result.get("status"))
+        if self.haproxy is not None and state in ("succeeded", "failed", "refused") \
+                and "no answer" not in str(result.get("reason")) \
+                and not str(result.get("reason", "")).startswith(("stuck", "could not drain")):
+            # The host answered, so `current` is a complete release that passed its
+            # health check (or the old one, untouched): it may take traffic again.
+            try:
+                self.haproxy.ready(host)
+                self.store.add_log(self.id, host, "drain", "back in rotation (ready)")
+            except HAProxyError as exc:
+                self.store.add_log(self.id, host, "drain", f"could not set ready: {exc}")
         self.store.set_step(self.id, host, state=state, release=result.get("release"),
                             commit=result.get("commit"),
                             previous_release=result.get("previous_release"),

@@ -135,7 +135,7 @@ class Orchestrator(Service):
                                     rollout_id=record["id"])
             return
         run = RolloutRun(self, record, Strategy.parse(record.get("strategy") or {}),
-                         ec.request_timeout)
+                         ec.request_timeout, ec.haproxy)
         with self.cond:
             self.runs[run.id] = run
         run.thread.start()
