@@ -26,6 +26,7 @@ import functools
 import queue as queuemod
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -52,6 +53,9 @@ log = structlog.get_logger("deploybus.bus.stomp")
 _BROKER_HEADERS = frozenset({"ack", "subscription", "message-id", "destination", "redelivered",
                              "content-length", "expires", "priority", "timestamp",
                              "original-destination", "persistent"})
+
+#: Seconds to wait for CONNECTED after opening a connection.
+CONNECT_TIMEOUT = 10.0
 
 #: How long publish() waits for a connection and the broker's receipt.
 PUBLISH_TIMEOUT = 30.0
@@ -121,9 +125,11 @@ class _Sub(Subscription):
 class _Listener(stomp.ConnectionListener):
     def __init__(self, transport: StompTransport, gen: int) -> None:
         self.t, self.gen = transport, gen
+        self.connected = threading.Event()
 
     def on_connected(self, frame: Any) -> None:
         self.t._server = frame.headers.get("server", "")
+        self.connected.set()
 
     def on_message(self, frame: Any) -> None:
         sub = self.t._subs.get(frame.headers.get("subscription", ""))
@@ -211,9 +217,15 @@ class StompTransport(Transport):
         with self._lock:
             self._gen += 1
             gen = self._gen
-        conn.set_listener("deploybus", _Listener(self, gen))
-        conn.connect(self.user, self.password, wait=True,
+        listener = _Listener(self, gen)
+        conn.set_listener("deploybus", listener)
+        # Our own wait, with a deadline: on a link that swallows frames a
+        # blocking connect would wait for CONNECTED forever.
+        conn.connect(self.user, self.password, wait=False,
                      headers={"client-id": f"{self.client_name}-{uuid.uuid4().hex[:8]}"})
+        if not listener.connected.wait(CONNECT_TIMEOUT):
+            threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()
+            raise BusConnectionError(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
         with self._lock:
             if gen != self._gen:
                 raise BusConnectionError("connection replaced while connecting")
@@ -221,8 +233,11 @@ class StompTransport(Transport):
             if self.flavor == "auto":
                 self.flavor = "activemq" if "activemq" in self._server.lower() else "rabbitmq"
             waiters = [self._send_subscribe(conn, sub) for sub in list(self._subs.values())]
+        deadline = time.monotonic() + PUBLISH_TIMEOUT
         for waiter in waiters:
-            waiter.wait(PUBLISH_TIMEOUT)
+            while not waiter.wait(0.2):
+                if gen != self._gen or time.monotonic() > deadline:
+                    break
         with self._lock:
             if gen != self._gen:
                 raise BusConnectionError("connection lost while subscribing")
