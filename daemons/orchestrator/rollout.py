@@ -118,6 +118,9 @@ class RolloutRun:
         except Stopping:
             self.log.info("rollout left for the next start")
         except Exception as exc:  # a rollout thread never dies silently
+            if self.orch.stopping.is_set():
+                self.log.info("rollout left for the next start", error=str(exc))
+                return
             self.log.exception("rollout crashed")
             self.orch.status(self.id, "failed", f"orchestrator error: {exc}")
             self.orch.finished(self)

@@ -23,10 +23,11 @@ from typing import Any
 
 from deploybus import envelope, topics
 from deploybus.bus import Delivery
+from deploybus.bus.base import Backoff
 from deploybus.daemons.orchestrator.rollout import RolloutRun
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
-from deploybus.errors import DeployBusError
+from deploybus.errors import BusError, DeployBusError
 from deploybus.refs import check_name, check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
 from deploybus.store import Store
@@ -88,8 +89,21 @@ class Orchestrator(Service):
 
     def send(self, topic: str, type: str, body: dict[str, Any], *, correlation: str,
              ttl: float = EVENT_TTL) -> None:
+        """Sign and publish; while the broker is away, keep trying (with capped
+        backoff) for as long as the orchestrator runs: a rollout outlives a
+        broker restart."""
         env = envelope.new(type, body, sender=self.ctx.sender, correlation=correlation, ttl=ttl)
-        self.ctx.bus.publish(topic, self.ctx.signing_key.sign(env).encode())
+        raw = self.ctx.signing_key.sign(env).encode()
+        backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
+        while True:
+            try:
+                self.ctx.bus.publish(topic, raw)
+                return
+            except BusError as exc:
+                self.log.warning("publish failed; retrying", topic=topic, error=str(exc),
+                                 retry_in=round(backoff.delay, 1))
+                if not backoff.wait():
+                    raise
 
     def status(self, rollout: str, state: str, reason: str | None = None, **extra: Any) -> None:
         self.store.set_rollout(rollout, state=state, reason=reason)

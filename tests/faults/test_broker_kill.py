@@ -1,0 +1,89 @@
+"""kill -9 the broker in the middle of a rolling deploy to 20 agents, start it
+again: every host ends on exactly one release, the rollout completes or names
+the hosts that failed, and no request is applied twice.
+
+These tests kill and restart the machine's real brokers (and wait for them
+to be back, through scripts/setup-brokers.sh); they run last."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import broker_url
+from tests.e2e.cluster import Cluster, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+HOSTS = [f"h{i:02d}" for i in range(1, 21)]
+SETUP = Path(__file__).resolve().parents[2] / "scripts" / "setup-brokers.sh"
+
+#: broker path -> pattern of the broker's main process for pgrep -f
+PROCESSES = {"rabbitmq-amqp": "beam.smp.*rabbit", "rabbitmq-stomp": "beam.smp.*rabbit",
+             "activemq-stomp": "java.*activemq"}
+
+
+def kill_broker(kind: str) -> None:
+    pids = subprocess.run(["pgrep", "-f", PROCESSES[kind]], capture_output=True,
+                          text=True).stdout.split()
+    assert pids, f"no broker process matching {PROCESSES[kind]!r}"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+def restart_brokers() -> None:
+    r = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "SETUP_PACKAGES": "rabbitmq-server activemq"})
+    assert r.returncode == 0, f"brokers did not come back:\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("kind", ["rabbitmq-amqp", "rabbitmq-stomp", "activemq-stomp"])
+def test_broker_killed_mid_rollout(request: pytest.FixtureRequest, tmp_path: Path,
+                                   kind: str) -> None:
+    url = broker_url(kind, request, f"k{uuid.uuid4().hex[:10]}")
+    c = Cluster(tmp_path, url, HOSTS, app_scripts={
+        "pre": 'sleep "${TEST_SLEEP:-0}"', "post": "test -f VERSION"})
+    c.env["TEST_SLEEP"] = "0.4"
+    c.setup()
+    c.commit_and_tag("v1.0")
+    c.push("main", "v1.0")
+    try:
+        c.start_all(fetchers=False)
+        p = c.deploy_async("app", "v1.0", "--batch", "100%", "--window", "4")
+        assert wait_for(lambda: sum(h["state"] == "succeeded" for h in
+                                    (c.history() or [{"hosts": []}])[0]["hosts"]) >= 4, 90), \
+            c.logs()
+        kill_broker(kind)
+        time.sleep(2)
+        restart_brokers()
+        assert wait_for(lambda: c.history()[0]["state"] in ("succeeded", "failed"), 240), \
+            c.logs()
+        p.kill()
+        lost = [d.name for d in c.daemons
+                if any("connection lost" in ln or "lost its connection" in ln for ln in d.lines)]
+        assert len(lost) == len(c.daemons), f"only {lost} noticed the broker going away"
+        rollout = c.history()[0]
+        rid = rollout["id"]
+        for step in rollout["hosts"]:
+            h = step["host"]
+            accepted = [e for e in c.audit(h) if e["decision"] == "accepted"
+                        and e["rollout"] == rid]
+            assert len(accepted) <= 1, f"{h} applied the request {len(accepted)} times"
+            releases = list((c.root(h) / "app" / "releases").iterdir()) \
+                if (c.root(h) / "app" / "releases").exists() else []
+            if step["state"] == "succeeded":
+                assert len(releases) == 1, (h, releases)
+                assert c.version(h) == "v1.0"
+            else:
+                assert h in (rollout["reason"] or ""), \
+                    f"{h} ended {step['state']} but the rollout does not name it"
+                assert len(releases) <= 1
+        assert rollout["state"] == "succeeded", rollout["reason"]
+    finally:
+        c.stop()
