@@ -30,7 +30,7 @@ from deploybus.envelope import Envelope
 from deploybus.errors import BusError, DeployBusError
 from deploybus.refs import check_name, check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
-from deploybus.store import Store
+from deploybus.store import FINAL_STATES, Store
 from deploybus.strategy import Strategy
 
 #: deploy.rollout.status and similar events expire after this many seconds.
@@ -180,7 +180,24 @@ class Orchestrator(Service):
                   {"rollout": rollout, "state": "refused", "reason": reason},
                   correlation=rollout)
 
-    def on_rollout(self, env: Envelope, _d: Delivery) -> None:
+    def on_rollout(self, env: Envelope, d: Delivery) -> None:
+        try:
+            self._on_rollout(env, d)
+        except Exception as exc:
+            # Whoever asked waits for a status: tell them, never leave them hanging.
+            rollout = str(env.body.get("rollout") or env.correlation or env.id)[:64]
+            self.log.exception("rollout handling failed", rollout=rollout)
+            reason = f"orchestrator error: {type(exc).__name__}: {exc}"
+            record = self.store.rollout(rollout)
+            if record is None:
+                self.refuse(rollout, env.body, str(env.body.get("user") or env.sender)[:128],
+                            reason)
+            elif record["state"] not in FINAL_STATES and rollout not in self.runs:
+                self.status(rollout, "failed", reason)
+                self.store.release_lock(record["project"], record["environment"],
+                                        rollout_id=rollout)
+
+    def _on_rollout(self, env: Envelope, _d: Delivery) -> None:
         body = env.body
         rollout = str(body.get("rollout") or env.correlation or env.id)[:64]
         user = str(body.get("user") or env.sender)[:128]

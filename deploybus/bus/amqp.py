@@ -36,6 +36,10 @@ from deploybus.errors import BusConnectionError
 
 log = structlog.get_logger("deploybus.bus.amqp")
 
+#: Seconds a consumer waits for a frame before checking heartbeats and whether
+#: it was cancelled: bounds how long cancel() and close() take.
+DRAIN_TIMEOUT = 0.25
+
 #: Errors kombu raises besides the transport's own connection/channel errors.
 _DRIVER_ERRORS = (OSError, kombu.exceptions.OperationalError)
 
@@ -78,7 +82,7 @@ class _Sub(Subscription):
                     self.ready.set()
                     while not self.stop.is_set():
                         try:
-                            conn.drain_events(timeout=1)
+                            conn.drain_events(timeout=DRAIN_TIMEOUT)
                         except TimeoutError:
                             conn.heartbeat_check()
             except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
