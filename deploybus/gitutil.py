@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import git
-
 from deploybus.errors import DeployError, RefError
 from deploybus.refs import check_ref
+
+# GitPython is imported where it is used: an idle agent does not carry its
+# ~12 MB until its first deploy (see docs/performance.md, "Idle agent").
 
 
 def mirror_path(state_dir: Path, project: str) -> Path:
@@ -38,6 +39,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def update_mirror(state_dir: Path, project: str, url: str) -> Path:
     """Clone the mirror if missing, else fetch (pruning deleted refs)."""
+    import git
+
     path = mirror_path(state_dir, project)
     with _locked(path):
         try:
@@ -54,6 +57,8 @@ def update_mirror(state_dir: Path, project: str, url: str) -> Path:
 
 def resolve(mirror: Path, ref: str) -> str:
     """The commit id ``ref`` names in ``mirror``; RefError if it names none."""
+    import git
+
     check_ref(ref)
     try:
         return git.Repo(mirror).git.rev_parse("--verify", "--quiet", "--end-of-options",
@@ -66,6 +71,8 @@ def resolve(mirror: Path, ref: str) -> str:
 
 def export(mirror: Path, commit: str, dest: Path) -> int:
     """Write the tree of ``commit`` into ``dest`` (``git archive``, no .git); file count."""
+    import git
+
     repo = git.Repo(mirror)
     proc = repo.git.archive("--format=tar", commit, as_process=True)
     count = 0
