@@ -123,13 +123,8 @@ def host_list(hosts: str | None) -> list[str] | None:
     return [h.strip() for h in hosts.split(",") if h.strip()] if hosts else None
 
 
-def batch_value(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.isdigit() else value
-
-
-def canary_value(value: str | None) -> int | str | None:
+def count_or_text(value: str | None) -> int | str | None:
+    """``"3"`` -> 3; ``"25%"`` or a host name stays text (the strategy checks it)."""
     if value is None:
         return None
     return int(value) if value.isdigit() else value
@@ -175,7 +170,7 @@ def with_common(f: Any) -> Any:
 def rollout_body(state: State, project: str, environment: str, o: dict[str, Any]) -> dict:
     cfg = state.config
     check_target(cfg, project, environment)
-    strategy = {"canary": canary_value(o["canary"]), "batch": batch_value(o["batch"]),
+    strategy = {"canary": count_or_text(o["canary"]), "batch": count_or_text(o["batch"]),
                 "window": o["window"], "pause": pause_value(o["pause"]),
                 "max_failures": o["max_failures"], "auto_rollback": o["auto_rollback"],
                 "stuck": o["stuck"]}
