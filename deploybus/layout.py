@@ -6,12 +6,19 @@
         releases/<id>/          one complete checkout per deploy
         releases/<id>.partial/  a checkout in progress (never pointed at)
         current -> releases/<id>
+        shared/                 files that survive releases, linked into each
         .deploybus/lock         one deploy per project per host (flock)
         .deploybus/releases/<id>.json   what each release is (commit, ref, state)
 
 ``current`` is switched atomically: a new relative symlink next to it, then
 ``rename(2)`` over it, then an fsync of the directory. A reader resolving
 ``current`` sees the old release or the new one, never neither.
+
+Release states (in the ``.json``): ``pending`` while it is being made,
+``ready`` once checked out, post script and health check passed, ``ok`` once
+it was switched to and its post-switch script passed, ``failed`` otherwise.
+Rollback only goes to ``ok`` releases; cleanup never removes the current
+release or the one a rollback would go to.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ class Layout:
         self.dir = root / project
         self.releases = self.dir / "releases"
         self.current = self.dir / "current"
+        self.shared = self.dir / "shared"
         self.meta = self.dir / ".deploybus"
 
     def ensure(self) -> None:
@@ -72,6 +80,87 @@ class Layout:
         tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
         os.replace(tmp, path)
 
+    def set_state(self, release: str, state: str, **fields: Any) -> None:
+        """Update the state (and any other fields) of ``release``'s record."""
+        self.write_info(release, self.info(release) | fields | {"state": state})
+
+    def complete_releases(self) -> list[str]:
+        """Names of the release directories that are complete, oldest first."""
+        try:
+            return sorted(p.name for p in self.releases.iterdir()
+                          if p.is_dir() and not p.is_symlink()
+                          and not p.name.endswith(".partial") and not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def rollback_target(self, before: str | None = None) -> str | None:
+        """The newest release older than ``before`` (default: the current one)
+        whose state is ``ok``: where a rollback goes by default."""
+        before = before if before is not None else self.current_release()
+        if before is None:
+            return None
+        for name in reversed(self.complete_releases()):
+            if name < before and self.info(name).get("state") == "ok":
+                return name
+        return None
+
+    def clear_current(self) -> None:
+        """Remove ``current`` (back to "nothing deployed"), durably."""
+        try:
+            os.unlink(self.current)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.dir)
+
+    def restore(self, release: str | None) -> None:
+        """Point ``current`` back at ``release``, or remove it if there was none."""
+        if release is None:
+            self.clear_current()
+        else:
+            self.switch(release)
+
+    def link_shared(self, release_dir: Path, entries: Iterable[str], *,
+                    owner: tuple[int, int] | None = None) -> list[str]:
+        """Link each shared entry into ``release_dir`` (a checkout, partial or not).
+
+        ``shared/<entry>`` is made on first use: from the release's own copy
+        if it has one (moved there, so a repository can seed it), else as an
+        empty directory. The release's path becomes a relative symlink to
+        it. A directory on the way that is a symlink in the checkout is
+        refused: the link must land inside the release. ``owner`` (uid, gid)
+        is given what is created in ``shared/``. Returns the entries linked.
+        """
+        linked = []
+        for entry in entries:
+            parts = entry.strip("/").split("/")
+            if entry.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"shared entry {entry!r} is not a relative path")
+            link = release_dir.joinpath(*parts)
+            parent = release_dir
+            for part in parts[:-1]:
+                parent = parent / part
+                if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                    raise OSError(f"shared entry {entry!r}: {parent.relative_to(release_dir)} "
+                                  f"in the release is not a directory")
+                if not parent.exists():
+                    parent.mkdir()
+            target = self.shared.joinpath(*parts)
+            if not os.path.lexists(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if os.path.lexists(link) and not link.is_symlink():
+                    shutil.move(str(link), str(target))  # the repository seeds it
+                else:
+                    target.mkdir()
+                if owner is not None:
+                    os.lchown(target, *owner)
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            elif link.exists():
+                shutil.rmtree(link)
+            os.symlink(os.path.relpath(target, link.parent), link)
+            linked.append("/".join(parts))
+        return linked
+
     def switch(self, release: str) -> None:
         """Point ``current`` at ``release`` atomically."""
         target = self.releases / release
@@ -86,18 +175,27 @@ class Layout:
             raise
         fsync_dir(self.dir)
 
-    def cleanup(self, keep: int) -> list[str]:
-        """Delete the oldest releases beyond ``keep`` (never the current one)
-        and leftover partial checkouts; returns what was removed."""
-        current = self.current_release()
+    def remove_leftovers(self) -> list[str]:
+        """Remove partial checkouts and temporary links a crash left behind."""
         removed = []
         for p in self.releases.glob("*.partial"):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
-        complete = sorted(p.name for p in self.releases.iterdir()
-                          if p.is_dir() and not p.name.endswith(".partial"))
+        for p in self.dir.glob(".current.tmp-*"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed
+
+    def cleanup(self, keep: int, protect: Iterable[str] = ()) -> list[str]:
+        """Delete the oldest releases beyond ``keep`` and leftover partial
+        checkouts; never the current release, the one a rollback from it
+        would go to, or any in ``protect``. Returns what was removed."""
+        current = self.current_release()
+        keepers = {current, self.rollback_target(current), *protect} - {None}
+        removed = self.remove_leftovers()
+        complete = self.complete_releases()
         for name in complete[:-keep] if len(complete) > keep else []:
-            if name == current:
+            if name in keepers:
                 continue
             shutil.rmtree(self.releases / name, ignore_errors=True)
             (self.meta / "releases" / f"{name}.json").unlink(missing_ok=True)

@@ -13,7 +13,9 @@ exits at once with :data:`EXIT_COLD`, leaving unacked messages to the broker.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -129,16 +131,18 @@ class Runner:
         self.services, self.name, self.grace = services, name, grace
         self.stopping = threading.Event()
         self.signals = 0
+        self.last_signal = 0
         self.systemd = _Systemd()
         self.log = structlog.get_logger("deploybus.runner").bind(daemon=name)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Only async-signal-safe work here: the main thread may hold a lock
+        # (a log line half written) that logging or Event.set() would wait on
+        # forever. The wakeup fd wakes the main loop, which logs and stops.
         self.signals += 1
-        if self.signals == 1:
-            self.log.info("warm stop requested", signal=signal.Signals(signum).name)
-            self.stopping.set()
-        else:
-            self.log.warning("cold stop: exiting now", signal=signal.Signals(signum).name)
+        self.last_signal = signum
+        if self.signals > 1:
+            os.write(2, f"deploybus {self.name}: second signal: cold stop\n".encode())
             os._exit(EXIT_COLD)
 
     def start(self) -> None:
@@ -158,14 +162,27 @@ class Runner:
 
     def run(self) -> int:
         """Start, wait for a signal, stop. Returns the exit code."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
         if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self.start()
         interval = self.systemd.watchdog_interval()
-        while not self.stopping.wait(interval or 3600):
-            if interval and all(s.healthy() for s in self.services):
+        while not self.signals and not self.stopping.is_set():
+            ready, _, _ = select.select([wake_r], [], [], interval or 3600)
+            if ready:
+                try:
+                    wake_r.recv(64)
+                except BlockingIOError:
+                    pass
+            elif interval and all(s.healthy() for s in self.services):
                 self.systemd.notify("WATCHDOG=1")
+        if self.signals:
+            self.log.info("warm stop requested", signal=signal.Signals(self.last_signal).name)
+        self.stopping.set()
         started = time.monotonic()
         self.stop()
         self.log.info("exit", seconds=round(time.monotonic() - started, 2))

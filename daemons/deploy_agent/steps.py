@@ -1,33 +1,57 @@
-"""One deploy on one host: fetch, pre script, checkout, post script, switch.
+"""One deploy, rollback or crash recovery of one project on one host.
 
-Any failure before the switch leaves ``current`` where it was; the new
-release is marked failed. Scripts run with ``/bin/sh -c`` in their own
-process group, get the ``DEPLOYBUS_*`` variables, and are killed (the whole
-group) when they pass the project's ``script_timeout``.
+A deploy, under the project's lock::
+
+    fetch        resolve the ref in the local mirror (fetch it if missing)
+    pre          pre script, cwd = the project directory
+    checkout     git archive of the commit into releases/<id>.partial
+    shared       shared/ entries linked into it; then renamed to releases/<id>
+    post         post script, cwd = the new release
+    health       health check of the new release (command or URL)
+    switch       current -> releases/<id> (atomic rename)
+    post_switch  post-switch script; if it fails, current goes back
+    cleanup      keep the newest releases (never current or its rollback target)
+
+Anything failing before the switch leaves ``current`` where it was and
+marks the new release failed. A failing post-switch script switches back to
+the previous release (running the post-switch script once more, for it),
+so a deploy either fully happens or not at all. A rollback is the switch and
+post-switch steps alone, towards an earlier release.
+
+Before each step the agent's journal is told where the run is (and which
+process group a script runs in), so :func:`recover` can finish the story
+after the agent was killed: kill the orphaned script, remove the partial
+checkout, switch back if the switch had happened, mark the release failed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from deploybus import gitutil
 from deploybus.config import ProjectConfig
+from deploybus.daemons.deploy_agent import health, scripts
+from deploybus.daemons.deploy_agent.scripts import Progress, RunAs
 from deploybus.errors import DeployError, RefError
 from deploybus.layout import Layout
+from deploybus.refs import NAME_RE
 
-#: Bytes of script output kept and reported per step.
-MAX_OUTPUT = 64 * 1024
+#: Steps of a deploy, in order.
+STEPS = ("fetch", "pre", "checkout", "shared", "post", "health", "switch", "post_switch",
+         "cleanup")
 
-Progress = Callable[[str, str, list[str] | None], None]
+#: Release ids start with this UTC time stamp (microseconds: ids sort by age).
+STAMP_FORMAT = "%Y%m%dT%H%M%S.%f"
+
+#: Environment variables passed on to scripts that run as another user.
+_PASSED_ON = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
 @dataclass
@@ -37,99 +61,333 @@ class Request:
     environment: str
     ref: str
     user: str
+    action: str = "deploy"
+    #: Rollback: the release to go to (None: the newest earlier good one).
+    release: str | None = None
 
 
-def run_script(step: str, script: str, *, cwd: Path, env: dict[str, str], timeout: float,
-               progress: Progress) -> None:
-    """Run one hook script; raise DeployError if it fails or times out."""
-    progress(step, f"running {step} script", None)
-    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        lines = _tail(out)
-        progress(step, f"{step} script timed out after {timeout:.0f}s", lines)
-        raise DeployError(f"{step} script timed out after {timeout:.0f}s") from None
-    lines = _tail(out)
-    if proc.returncode != 0:
-        progress(step, f"{step} script failed with exit code {proc.returncode}", lines)
-        last = lines[-1] if lines else ""
-        raise DeployError(f"{step} script failed with exit code {proc.returncode}"
-                          + (f": {last}" if last else ""))
-    progress(step, f"{step} script ok", lines)
+class Tracker:
+    """Where a run is; the agent's journal implements it. This one forgets."""
+
+    def step(self, step: str, **fields: Any) -> None:
+        """The run enters ``step``; ``fields`` (release, previous_release) are kept."""
+
+    def script(self, pgid: int | None, start: int | None) -> None:
+        """A script runs in process group ``pgid`` (None: no script runs now)."""
 
 
-def _tail(out: bytes) -> list[str]:
-    text = out[-MAX_OUTPUT:].decode("utf-8", "replace")
-    return text.splitlines()
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
-def deploy(req: Request, project: ProjectConfig, *, root: Path, state_dir: Path, host: str,
-           progress: Progress) -> dict[str, Any]:
+def _stamp(layout: Layout) -> str:
+    """A UTC time stamp for a new release id, later than every existing one:
+    release ids sort in the order they were made (rollback and cleanup rely
+    on it), even for deploys within a microsecond or a clock that went back."""
+    t = datetime.now(UTC)
+    newest = max((r.split("-", 1)[0] for r in layout.complete_releases()), default="")
+    for p in layout.meta.joinpath("releases").glob("*.json"):
+        newest = max(newest, p.stem.split("-", 1)[0])
+    stamp = t.strftime(STAMP_FORMAT)
+    if stamp <= newest:
+        try:
+            t = datetime.strptime(newest, STAMP_FORMAT).replace(tzinfo=UTC)
+        except ValueError:  # an older, shorter format: append to it
+            return newest + ".000001"
+        stamp = (t + timedelta(microseconds=1)).strftime(STAMP_FORMAT)
+    return stamp
+
+
+def _chown_tree(path: Path, uid: int, gid: int) -> None:
+    os.lchown(path, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+class _Run:
+    """Shared by deploy, rollback and recovery: the script environment, the
+    scripts themselves, and switching back."""
+
+    def __init__(self, req: Request, pc: ProjectConfig | None, *, root: Path, state_dir: Path,
+                 host: str, progress: Progress, tracker: Tracker | None) -> None:
+        self.req, self.pc, self.host, self.state_dir = req, pc, host, state_dir
+        self.layout = Layout(root, req.project)
+        self.progress = progress
+        self.tracker = tracker or Tracker()
+        self.runas: RunAs | None = None
+
+    def env(self, *, release: str | None, commit: str | None, ref: str | None,
+            previous_release: str | None, action: str) -> dict[str, str]:
+        prev_info = self.layout.info(previous_release) if previous_release else {}
+        if self.runas is None:
+            base = dict(os.environ)
+        else:
+            base = {k: os.environ[k] for k in _PASSED_ON if k in os.environ}
+        return base | {
+            "DEPLOYBUS_PROJECT": self.req.project, "DEPLOYBUS_ENV": self.req.environment,
+            "DEPLOYBUS_REF": ref or "", "DEPLOYBUS_COMMIT": commit or "",
+            "DEPLOYBUS_PREVIOUS_COMMIT": prev_info.get("commit") or "",
+            "DEPLOYBUS_RELEASE": release or "",
+            "DEPLOYBUS_RELEASE_DIR": str(self.layout.releases / release) if release else "",
+            "DEPLOYBUS_PREVIOUS_RELEASE": previous_release or "",
+            "DEPLOYBUS_SHARED_DIR": str(self.layout.shared),
+            "DEPLOYBUS_USER": self.req.user, "DEPLOYBUS_ROLLOUT_ID": self.req.rollout,
+            "DEPLOYBUS_HOST": self.host, "DEPLOYBUS_ACTION": action,
+        }
+
+    def script(self, step: str, cwd: Path, env: dict[str, str], **kw: Any) -> None:
+        assert self.pc is not None
+        try:
+            scripts.run_script(step, self.pc.scripts[step], cwd=cwd, env=env,
+                               timeout=self.pc.script_timeout, progress=self.progress,
+                               output=self.pc.output, runas=self.runas,
+                               on_start=self.tracker.script, **kw)
+        finally:
+            self.tracker.script(None, None)
+
+    def switch_back(self, away_from: str, previous: str | None) -> str:
+        """``current`` points at ``away_from``; put it back on ``previous`` (or
+        remove it if nothing was deployed before) and run the post-switch
+        script for it. Returns what happened, for the failure reason."""
+        if self.layout.current_release() != away_from or away_from == previous:
+            return ""
+        self.layout.restore(previous)
+        if previous is None:
+            self.progress("switch", "current removed again (there was no earlier release)", None)
+            return "; current removed again (first deploy)"
+        self.progress("switch", f"current -> releases/{previous} (switched back)", None)
+        note = f"; switched back to {previous}"
+        if self.pc is not None and "post_switch" in self.pc.scripts:
+            info = self.layout.info(previous)
+            env = self.env(release=previous, commit=info.get("commit"), ref=info.get("ref"),
+                           previous_release=away_from, action="rollback")
+            try:
+                self.script("post_switch", self.layout.releases / previous, env,
+                            what="post_switch script (after switching back)")
+            except DeployError as exc:
+                note += f"; {exc}"
+        return note
+
+
+def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host: str,
+           progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
     """Run the deploy; return the result body (status succeeded or failed)."""
     started = time.monotonic()
-    layout = Layout(root, req.project)
-    result: dict[str, Any] = {"status": "failed", "commit": None, "release": None}
+    run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
+               tracker=tracker)
+    layout = run.layout
+    result: dict[str, Any] = {"status": "failed", "action": "deploy", "commit": None,
+                              "release": None}
     with layout.lock():
+        layout.remove_leftovers()
         previous = layout.current_release()
         prev_info = layout.info(previous) if previous else {}
         result.update(previous_release=previous, previous_commit=prev_info.get("commit"))
-        release = None
+        run.tracker.step("fetch", previous_release=previous)
+        release: str | None = None
         try:
+            run.runas = scripts.run_as(pc.user, pc.group)
             progress("fetch", f"resolving {req.ref}", None)
             mirror = gitutil.mirror_path(state_dir, req.project)
             try:
                 commit = gitutil.resolve(mirror, req.ref)
             except RefError:
-                progress("fetch", f"{req.ref} not in local mirror; fetching {project.git}", None)
-                gitutil.update_mirror(state_dir, req.project, project.git)
+                progress("fetch", f"{req.ref} not in local mirror; fetching {pc.git}", None)
+                gitutil.update_mirror(state_dir, req.project, pc.git)
                 commit = gitutil.resolve(mirror, req.ref)
             result["commit"] = commit
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            release = f"{stamp}-{commit[:8]}-{req.rollout[:8]}"
+            release = f"{_stamp(layout)}-{commit[:8]}-{req.rollout[:8]}"
             release_dir = layout.releases / release
-            env = {
-                **os.environ,
-                "DEPLOYBUS_PROJECT": req.project, "DEPLOYBUS_ENV": req.environment,
-                "DEPLOYBUS_REF": req.ref, "DEPLOYBUS_COMMIT": commit,
-                "DEPLOYBUS_PREVIOUS_COMMIT": prev_info.get("commit") or "",
-                "DEPLOYBUS_RELEASE": release, "DEPLOYBUS_RELEASE_DIR": str(release_dir),
-                "DEPLOYBUS_USER": req.user, "DEPLOYBUS_ROLLOUT_ID": req.rollout,
-                "DEPLOYBUS_HOST": host,
-            }
-            info = {"commit": commit, "ref": req.ref, "rollout": req.rollout, "user": req.user,
-                    "environment": req.environment, "state": "checking-out",
-                    "created": datetime.now(UTC).isoformat()}
-            layout.write_info(release, info)
-            if "pre" in project.scripts:
-                run_script("pre", project.scripts["pre"], cwd=layout.dir, env=env,
-                           timeout=project.script_timeout, progress=progress)
+            run.tracker.step("pre", release=release)
+            layout.write_info(release, {
+                "commit": commit, "ref": req.ref, "rollout": req.rollout, "user": req.user,
+                "environment": req.environment, "state": "pending", "created": _now()})
+            env = run.env(release=release, commit=commit, ref=req.ref,
+                          previous_release=previous, action="deploy")
+            if "pre" in pc.scripts:
+                run.script("pre", layout.dir, env)
+
+            run.tracker.step("checkout")
             progress("checkout", f"checking out {commit[:12]} into releases/{release}", None)
             partial = layout.releases / f"{release}.partial"
             files = gitutil.export(mirror, commit, partial)
-            os.replace(partial, release_dir)
+            owner = (run.runas.uid, run.runas.gid) if run.runas and os.geteuid() == 0 else None
+            if owner is not None:
+                _chown_tree(partial, *owner)
             progress("checkout", f"{files} entries checked out", None)
-            if "post" in project.scripts:
-                run_script("post", project.scripts["post"], cwd=release_dir, env=env,
-                           timeout=project.script_timeout, progress=progress)
+            if pc.shared:
+                run.tracker.step("shared")
+                linked = layout.link_shared(partial, pc.shared, owner=owner)
+                progress("shared", f"linked {', '.join(linked)} to shared/", None)
+            os.replace(partial, release_dir)
+            gitutil.fsync_dir(layout.releases)
+
+            if "post" in pc.scripts:
+                run.tracker.step("post")
+                run.script("post", release_dir, env)
+            if pc.health is not None:
+                run.tracker.step("health")
+                health.check(pc.health, cwd=release_dir, env=env, progress=progress,
+                             output=pc.output, runas=run.runas, on_start=run.tracker.script)
+                run.tracker.script(None, None)
+            layout.set_state(release, "ready")
+
+            run.tracker.step("switch")
             layout.switch(release)
-            layout.write_info(release, info | {"state": "ok"})
             progress("switch", f"current -> releases/{release}", None)
-            removed = layout.cleanup(project.keep)
-            if removed:
-                progress("cleanup", f"removed {len(removed)} old release(s)", None)
+            if "post_switch" in pc.scripts:
+                run.tracker.step("post_switch")
+                run.script("post_switch", release_dir, env)
+            layout.set_state(release, "ok", switched=_now())
             result.update(status="succeeded", release=release)
         except (DeployError, RefError, OSError) as exc:
             reason = str(exc)
-            result.update(reason=reason, release=release)
             if release is not None:
-                layout.write_info(release, layout.info(release) | {"state": "failed",
-                                                                   "reason": reason})
+                try:
+                    reason += run.switch_back(release, previous)
+                except OSError as exc2:
+                    reason += f"; could not switch back: {exc2}"
+                layout.set_state(release, "failed", reason=reason)
                 shutil.rmtree(layout.releases / f"{release}.partial", ignore_errors=True)
+            result.update(reason=reason, release=release)
+            progress("failed", reason, None)
+        if result["status"] == "succeeded":
+            run.tracker.step("cleanup")
+            try:
+                # The release this deploy replaced stays too: the orchestrator
+                # may ask to roll back to it by name.
+                removed = layout.cleanup(pc.keep, protect=[previous] if previous else [])
+            except OSError as exc:  # the deploy itself is done; say so, do not fail it
+                progress("cleanup", f"cleanup failed: {exc}", None)
+            else:
+                if removed:
+                    progress("cleanup", f"removed {len(removed)} old release(s)", None)
+    result["duration"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host: str,
+             progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Switch ``current`` to ``req.release`` (default: the newest earlier
+    release that is ok) and run the post-switch script."""
+    started = time.monotonic()
+    run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
+               tracker=tracker)
+    layout = run.layout
+    result: dict[str, Any] = {"status": "failed", "action": "rollback", "commit": None,
+                              "release": None}
+    with layout.lock():
+        layout.remove_leftovers()
+        current = layout.current_release()
+        cur_info = layout.info(current) if current else {}
+        result.update(previous_release=current, previous_commit=cur_info.get("commit"))
+        run.tracker.step("switch", previous_release=current)
+        target: str | None = None
+        try:
+            run.runas = scripts.run_as(pc.user, pc.group)
+            if current is None:
+                raise DeployError("nothing is deployed here to roll back from")
+            if req.release is None:
+                target = layout.rollback_target(current)
+                if target is None:
+                    raise DeployError(f"no good release older than {current} to roll back to")
+            else:
+                target = req.release
+                if target not in layout.complete_releases():
+                    raise DeployError(f"release {target} does not exist here")
+                if layout.info(target).get("state") == "failed":
+                    raise DeployError(f"release {target} is marked failed; not rolling back "
+                                      f"to it")
+            info = layout.info(target)
+            result.update(release=target, commit=info.get("commit"), ref=info.get("ref"))
+            if target == current:
+                progress("switch", f"current is already releases/{target}", None)
+            else:
+                run.tracker.step("switch", release=target)
+                layout.switch(target)
+                progress("switch", f"current -> releases/{target} (rollback)", None)
+                if "post_switch" in pc.scripts:
+                    run.tracker.step("post_switch")
+                    env = run.env(release=target, commit=info.get("commit"),
+                                  ref=info.get("ref"), previous_release=current,
+                                  action="rollback")
+                    run.script("post_switch", layout.releases / target, env)
+                layout.set_state(target, info.get("state") or "ok", rolled_back_to=_now())
+            run.tracker.step("cleanup")
+            result["status"] = "succeeded"
+        except (DeployError, RefError, OSError) as exc:
+            reason = str(exc)
+            if target is not None and current is not None:
+                try:
+                    reason += run.switch_back(target, current)
+                except OSError as exc2:
+                    reason += f"; could not switch back: {exc2}"
+            result["reason"] = reason
             progress("failed", reason, None)
     result["duration"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, state_dir: Path,
+            host: str, progress: Progress,
+            kill: Callable[[int, int | None], bool] = scripts.kill_orphan_group
+            ) -> dict[str, Any]:
+    """The result for a journal entry a killed agent left unfinished.
+
+    The script it was running (if any) is killed; the partial checkout and
+    temporary links removed; if ``current`` had already been switched, it is
+    switched back unless the run had got past its post-switch script (then
+    it was complete and is reported so); the new release is marked failed.
+    """
+    req_d = entry.get("request") or {}
+    req = Request(rollout=str(entry.get("rollout")), project=str(req_d.get("project")),
+                  environment=str(req_d.get("environment")), ref=str(req_d.get("ref") or ""),
+                  user=str(req_d.get("user") or "unknown"),
+                  action=str(entry.get("action") or "deploy"), release=req_d.get("release"))
+    step = entry.get("step")
+    release, previous = entry.get("release"), entry.get("previous_release")
+    result: dict[str, Any] = {"status": "failed", "action": req.action, "release": release,
+                              "previous_release": previous, "recovered": True}
+    if not NAME_RE.fullmatch(req.project) or (release and not NAME_RE.fullmatch(release)):
+        result["reason"] = "interrupted: agent restarted; journal entry unusable"
+        return result
+    if entry.get("state") != "running" or step is None:
+        result["reason"] = "interrupted: agent restarted before the deploy started"
+        progress("failed", result["reason"], None)
+        return result
+    reason = f"interrupted: agent restarted during {step}"
+    script = entry.get("script") or {}
+    if isinstance(script.get("pgid"), int) and kill(script["pgid"], script.get("start")):
+        reason += f"; killed the {step} script it had left running"
+    run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
+               tracker=None)
+    layout = run.layout
+    with layout.lock():
+        layout.remove_leftovers()
+        info = layout.info(release) if release else {}
+        result["commit"] = info.get("commit")
+        current = layout.current_release()
+        finished = step == "cleanup" and current == release and (
+            req.action == "rollback" or info.get("state") == "ok")
+        if finished:
+            result.update(status="succeeded",
+                          reason=f"agent restarted during {step}; the {req.action} was complete")
+            progress("recovered", result["reason"], None)
+            return result
+        if pc is not None:
+            try:
+                run.runas = scripts.run_as(pc.user, pc.group)
+            except DeployError as exc:
+                run.pc = None  # never run its scripts as anyone else
+                reason += f"; post_switch not run: {exc}"
+        if release is not None:
+            try:
+                reason += run.switch_back(release, previous)
+            except OSError as exc:
+                reason += f"; could not switch back: {exc}"
+            if req.action == "deploy" and (info or (layout.releases / release).exists()):
+                layout.set_state(release, "failed", reason=reason)
+    result["reason"] = reason
+    progress("failed", reason, None)
     return result

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from deploybus.haproxy import HAProxy
-from tests.orchestrator.test_rollouts import make  # noqa: F401 - the cluster fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 

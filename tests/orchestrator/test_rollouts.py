@@ -8,46 +8,12 @@ import json
 import os
 import signal
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import broker_url
 from tests.e2e.cluster import Cluster, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
-
-SCRIPTS = {
-    "pre": 'echo "start $(date +%s.%N)" >> app.timeline; sleep "${TEST_SLEEP:-0}"',
-    "post": 'echo "end $(date +%s.%N)" >> ../../app.timeline; '
-            'if [ -e "../../fail-$DEPLOYBUS_REF" ]; then echo "marker says fail"; exit 4; fi',
-}
-
-
-@pytest.fixture
-def make(request: pytest.FixtureRequest, tmp_path: Path):
-    made: list[Cluster] = []
-
-    def _make(n: int = 3, env_extra: str = "", sleep: float = 0, tags=("v1.0", "v2.0"),
-              kind: str = "rabbitmq-amqp") -> Cluster:
-        url = broker_url(kind, request, f"o{uuid.uuid4().hex[:10]}")
-        c = Cluster(tmp_path / f"c{len(made)}", url, [f"h{i}" for i in range(1, n + 1)],
-                    env_extra=env_extra, app_scripts=SCRIPTS)
-        c.base.mkdir()
-        c.env["TEST_SLEEP"] = str(sleep)
-        c.setup()
-        for t in tags:
-            c.commit_and_tag(t)
-        c.push("main", *tags)
-        c.start_all(fetchers=False)
-        made.append(c)
-        return c
-
-    yield _make
-    for c in made:
-        c.stop()
-
 
 def fail_on(c: Cluster, host: str, ref: str) -> None:
     d = c.root(host) / "app"
@@ -135,7 +101,7 @@ def test_auto_rollback_returns_switched_hosts_to_their_release(make) -> None:  #
 
 
 def test_two_rollouts_at_once_exactly_one_runs(make) -> None:  # noqa: ANN001
-    c = make(n=2, sleep=2)
+    c = make(n=2, sleep=4)  # the first is surely running when the second asks
     first = c.deploy_async("app", "v1.0")
     assert wait_for(lambda: any(r["state"] == "running" for r in c.history()), 30)
     second = c.deploy("app", "v2.0")
@@ -192,7 +158,7 @@ def test_pause_until_promoted_after_the_canary(make) -> None:  # noqa: ANN001
 
 
 def test_abort_starts_no_more_hosts(make) -> None:  # noqa: ANN001
-    c = make(n=3, sleep=2)
+    c = make(n=3, sleep=6)  # h1 is still deploying when the abort arrives
     p = c.deploy_async("app", "v1.0")
     assert wait_for(lambda: c.history() and c.history()[0]["hosts"][0]["state"] == "requested",
                     30)
