@@ -189,3 +189,65 @@ def test_orchestrator_killed_mid_rollout_resumes_without_redeploying(make) -> No
     assert asked(c, "h1", rid) == ["accepted"], "h1 finished before the kill: not asked again"
     for h in c.hosts:
         assert len(list((c.root(h) / "app" / "releases").iterdir())) == 1
+
+
+def test_rollback_command_returns_hosts_to_the_previous_release(make) -> None:  # noqa: ANN001
+    c = make(n=2)
+    assert c.deploy("app", "v1.0").returncode == 0
+    first = {h: os.readlink(c.current(h)) for h in c.hosts}
+    assert c.deploy("app", "v2.0").returncode == 0
+    assert {c.version(h) for h in c.hosts} == {"v2.0"}
+    r = c.cli("rollback", "app", "--env", "prod", "--wait")
+    assert r.returncode == 0, r.stdout + c.logs()
+    assert {h: os.readlink(c.current(h)) for h in c.hosts} == first
+    # --to a named release: forward again to v2.0's release on h1 only.
+    target = c.history()[1]["hosts"][0]["release"]
+    r = c.cli("rollback", "app", "--env", "prod", "--hosts", "h1", "--to", target, "--wait")
+    assert r.returncode == 0, r.stdout
+    assert c.version("h1") == "v2.0" and c.version("h2") == "v1.0"
+
+
+def test_stuck_host_counts_as_failed(make) -> None:  # noqa: ANN001
+    c = make(n=2, sleep=30)
+    started = time.monotonic()
+    r = c.deploy("app", "v1.0", "--stuck", "3")
+    assert r.returncode == 1, r.stdout
+    assert "stuck: no progress from h1 for 3s" in r.stdout
+    assert time.monotonic() - started < 25, "a stuck host is not waited on"
+    assert [h["state"] for h in c.history()[0]["hosts"]] == ["failed", "skipped"]
+
+
+def test_offline_host_is_reported_not_waited_on(make) -> None:  # noqa: ANN001
+    c = make(n=3)
+    beats = [c.start(f"keepalive-{h}", "keepalive", "--host", h, "--interval", "1")
+             for h in c.hosts]
+    assert all(b.ready.wait(60) for b in beats)
+    assert wait_for(lambda: len(json.loads(c.cli("hosts", "--json").stdout)) == 3, 30)
+    beats[1].proc.send_signal(signal.SIGKILL)  # h2 goes silent
+    time.sleep(4)
+    started = time.monotonic()
+    r = c.deploy("app", "v1.0", "--max-failures", "1")
+    assert r.returncode == 0, r.stdout + c.logs()
+    assert time.monotonic() - started < 30
+    steps = {h["host"]: h for h in c.history()[0]["hosts"]}
+    assert steps["h2"]["state"] == "offline"
+    assert "last heartbeat" in steps["h2"]["message"]
+    assert steps["h1"]["state"] == steps["h3"]["state"] == "succeeded"
+    assert asked(c, "h2", c.history()[0]["id"]) == []
+
+
+def test_pause_and_resume(make) -> None:  # noqa: ANN001
+    c = make(n=3, sleep=3)
+    p = c.deploy_async("app", "v1.0")
+    assert wait_for(lambda: c.history() and c.history()[0]["hosts"][0]["state"] == "requested",
+                    30)
+    rid = c.history()[0]["id"]
+    assert c.cli("pause", rid).returncode == 0
+    assert wait_for(lambda: c.history()[0]["state"] == "paused", 30), c.history()[0]
+    assert [h["state"] for h in c.history()[0]["hosts"]][1:] == ["pending", "pending"]
+    time.sleep(1)
+    assert c.version("h2") is None
+    assert c.cli("resume", rid).returncode == 0
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert {c.version(h) for h in c.hosts} == {"v1.0"}
