@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tarfile
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,22 +70,30 @@ def resolve(mirror: Path, ref: str) -> str:
 
 
 def export(mirror: Path, commit: str, dest: Path) -> int:
-    """Write the tree of ``commit`` into ``dest`` (``git archive``, no .git); file count."""
-    import git
+    """Write the tree of ``commit`` into ``dest`` (no .git); returns the entry count.
 
-    repo = git.Repo(mirror)
-    proc = repo.git.archive("--format=tar", commit, as_process=True)
-    count = 0
+    ``git archive | tar -x``: the tree is written as git would check it out
+    (symlinks included), at the speed of tar rather than of Python's tarfile
+    (about 40% less CPU per deploy, measured by bench/fanout.py).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "--git-dir", str(mirror), "archive", "--format=tar",
+                                commit], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert archive.stdout is not None
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                tar.extract(member, dest, filter="data")
-                count += 1
-    except tarfile.TarError as exc:
-        raise DeployError(f"git archive of {commit} failed: {exc}") from None
+        tar = subprocess.run(["tar", "-x", "-v", "--no-same-owner", "-C", str(dest)],
+                             stdin=archive.stdout, capture_output=True)
     finally:
-        proc.wait()
-    return count
+        archive.stdout.close()
+        archive_err = archive.stderr.read() if archive.stderr else b""
+        archive.wait()
+    if archive.returncode != 0:
+        raise DeployError(f"git archive of {commit} failed: "
+                          f"{archive_err.decode(errors='replace').strip()}")
+    if tar.returncode != 0:
+        raise DeployError(f"unpacking {commit} failed: "
+                          f"{tar.stderr.decode(errors='replace').strip()[-500:]}")
+    return tar.stdout.count(b"\n")
 
 
 def fsync_dir(path: Path) -> None:
