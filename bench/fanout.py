@@ -7,7 +7,8 @@
 1. deploybus: one orchestrator and N agent processes (``deploybus agent
    --host hI``) on the broker, timed ``deploybus deploy ... --wait``, once per
    rollout window in ``--windows`` (default ``1,0``: one host after another,
-   then all at once).
+   then all at once), and with ``--canary`` (default ``1:25%``: one canary
+   host, then batches of 25%).
 2. Ansible: ansible-core (its own venv, ``bench/.venv-ansible``, made on first
    use) with N ``ansible_connection=local`` hosts and forks=5.
 3. The floor: the same per-host shell steps run with ``xargs -P``.
@@ -376,12 +377,14 @@ class Deploybus:
                 cli.kill()
                 return
 
-    def deploy(self, tag: str, window: int | None = None) -> Timed:
+    def deploy(self, tag: str, window: int | None = None,
+               strategy: list[str] | None = None) -> Timed:
         timeout = 60 + 10 * len(self.hosts)
         cmd = [*self.exe, "-c", str(self.cfg), "deploy", PROJECT, tag, "--env", ENVIRONMENT,
                "--wait", "--timeout", str(timeout), "--user", "bench"]
         if window is not None and self.has_window:
             cmd += ["--window", str(window)]
+        cmd += strategy or []
         problems: list[str] = []
         done = threading.Event()
         before = {p.pid: proc_cpu_split(p.pid) for _, p, _ in self.procs}
@@ -665,8 +668,10 @@ class Floor:
 class Method:
     """One row of the table: a runner and how it is asked to deploy."""
 
-    def __init__(self, key: str, label: str, runner: Any, window: int | None = None) -> None:
+    def __init__(self, key: str, label: str, runner: Any, window: int | None = None,
+                 strategy: list[str] | None = None) -> None:
         self.key, self.label, self.runner, self.window = key, label, runner, window
+        self.strategy = strategy
         self.walls: list[float] = []
         self.cpus: list[float] = []
         self.broker: list[float] = []
@@ -676,7 +681,7 @@ class Method:
 
     def deploy(self, tag: str, bystanders: list[int]) -> Timed:
         if isinstance(self.runner, Deploybus):
-            return self.runner.deploy(tag, window=self.window)
+            return self.runner.deploy(tag, window=self.window, strategy=self.strategy)
         return self.runner.deploy(tag, bystanders=bystanders)
 
     def record(self, t: Timed) -> None:
@@ -727,6 +732,8 @@ def main() -> int:
     ap.add_argument("--windows", default="1,0",
                     help="deploybus rollout windows to measure, comma-separated (1: one host "
                          "after another, 0: all hosts at once); the last is the headline")
+    ap.add_argument("--canary", default="1:25%", metavar="N:BATCH",
+                    help="also measure canary-then-batches (default 1:25%%; '' to skip)")
     ap.add_argument("--floor-procs", type=int, default=os.cpu_count() or 2,
                     help="xargs -P for the floor (default: nproc)")
     ap.add_argument("--workdir", default=None, help="parent of the temp dir (default $TMPDIR)")
@@ -777,6 +784,13 @@ def main() -> int:
                              "all hosts at once" if w == 0 or w >= n else f"{w} at a time")
                     methods.append(Method(f"deploybus_w{w}", f"deploybus --window {w} "
                                           f"({shape})", db, window=w))
+                if args.canary and db.has_window:
+                    count, _, batch = args.canary.partition(":")
+                    methods.append(Method(
+                        "deploybus_canary", f"deploybus --canary {count} --batch {batch} "
+                        "--window 0 (canary, then batches)", db,
+                        strategy=["--canary", count, "--batch", batch or "25%",
+                                  "--window", "0"]))
             elif m == "ansible":
                 r: Any = Ansible(work / "ansible", source, hosts)
                 runners.append(r)
@@ -824,7 +838,9 @@ def main() -> int:
         return 1
 
     results = {m.key: m.result() for m in methods}
-    dbm = [m for m in methods if isinstance(m.runner, Deploybus)]
+    # The headline is the last --windows entry (all at once by default), not
+    # the canary row: the issues' targets are for all at once.
+    dbm = [m for m in methods if isinstance(m.runner, Deploybus) and m.strategy is None]
     head = dbm[-1] if dbm else None
     dbs = results[head.key]["median_s"] if head else None
     an = results.get("ansible", {}).get("median_s")
