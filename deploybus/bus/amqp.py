@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -149,6 +149,8 @@ class AmqpTransport(Transport):
         self.exchange = kombu.Exchange("amq.topic", type="topic", durable=True, no_declare=True)
         self._pub_lock = threading.Lock()
         self._pub: kombu.Connection | None = None
+        self._producer: kombu.Producer | None = None
+        self._tx: tuple[kombu.Connection, Any] | None = None
         self._subs: list[_Sub] = []
 
     def _connection(self, *, heartbeat: int = 0) -> kombu.Connection:
@@ -164,11 +166,12 @@ class AmqpTransport(Transport):
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         check_topic(topic)
         with self._pub_lock:
-            if self._pub is None:
+            producer = self._producer
+            if self._pub is None or producer is None:
                 self._pub = self._connection()
+                producer = self._producer = self._pub.Producer(serializer=None)
             conn = self._pub
             try:
-                producer = conn.Producer(serializer=None)
                 producer.publish(
                     body, exchange=self.exchange, routing_key=self.prefix + topic,
                     delivery_mode=2, headers=dict(headers or {}),
@@ -182,7 +185,69 @@ class AmqpTransport(Transport):
                 self._drop_pub()
                 raise BusConnectionError(f"publish to {topic!r} failed: {exc}") from None
 
+    def publish_batch(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """All ``messages`` in one AMQP transaction: published without waiting,
+        then one ``tx.commit``, which returns once the broker has taken every
+        one (as a publisher confirm does for one). A batch of requests to 50
+        hosts costs one round trip instead of 50, which matters most when the
+        hosts' work already keeps the CPUs busy. Its own connection: a channel
+        cannot be in confirm and transaction mode at once."""
+        if len(messages) < 2:
+            for topic, body in messages:
+                self.publish(topic, body)
+            return
+        routed = [(self.prefix + check_topic(topic), body) for topic, body in messages]
+        with self._pub_lock:
+            # A kept connection may have died with a broker restart since the
+            # last batch: then one more try on a new one before giving up.
+            for fresh in ((False, True) if self._tx is not None else (True,)):
+                try:
+                    self._commit_batch(routed)
+                    return
+                except BusConnectionError:
+                    if fresh:
+                        raise
+
+    def _commit_batch(self, routed: list[tuple[str, bytes]]) -> None:
+        if self._tx is None:
+            conn = kombu.Connection(self.broker_url, connect_timeout=5, transport_options={
+                "client_properties": {"connection_name": self.client_name + "-tx"}})
+        else:
+            conn = self._tx[0]
+        try:
+            if self._tx is None:
+                conn.ensure_connection(max_retries=self.publish_retries, errback=self._errback,
+                                       interval_start=0.2, interval_step=0.5, interval_max=2)
+                channel = conn.channel()
+                channel.tx_select()
+                self._tx = (conn, channel)
+            channel = self._tx[1]
+            for routing_key, body in routed:
+                channel.basic_publish(
+                    channel.prepare_message(body, priority=0, content_type="application/json",
+                                            content_encoding="binary",
+                                            properties={"delivery_mode": 2}),
+                    exchange=self.exchange.name, routing_key=routing_key)
+            channel.tx_commit()
+        except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
+            self._tx = None
+            try:
+                conn.release()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            raise BusConnectionError(f"batch publish of {len(routed)} messages failed: "
+                                     f"{exc}") from None
+
+    def _drop_tx(self) -> None:
+        if self._tx is not None:
+            try:
+                self._tx[0].release()
+            except Exception:  # noqa: BLE001
+                pass
+            self._tx = None
+
     def _drop_pub(self) -> None:
+        self._producer = None
         if self._pub is not None:
             try:
                 self._pub.release()
@@ -213,9 +278,10 @@ class AmqpTransport(Transport):
         finally:
             conn.release()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         for sub in self._subs:
-            sub.cancel()
+            sub.cancel(timeout)
         self._subs.clear()
         with self._pub_lock:
             self._drop_pub()
+            self._drop_tx()

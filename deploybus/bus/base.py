@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -91,6 +91,14 @@ class Transport(abc.ABC):
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         """Send ``body`` to ``topic`` persistently; returns once the broker has it."""
 
+    def publish_batch(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Send ``(topic, body)`` messages persistently, in order; returns once the
+        broker has all of them. A transport may take them in one round trip
+        (the orchestrator starts a whole batch of hosts this way); this one
+        publishes them one by one. On error, some may have been sent."""
+        for topic, body in messages:
+            self.publish(topic, body)
+
     @abc.abstractmethod
     def subscribe(self, topic: str, handler: Handler, *, queue: str | None = None,
                   prefetch: int = DEFAULT_PREFETCH) -> Subscription:
@@ -101,8 +109,10 @@ class Transport(abc.ABC):
         """Make sure durable ``queue`` exists and collects ``topic``, without consuming."""
 
     @abc.abstractmethod
-    def close(self) -> None:
-        """Stop every subscription and drop connections. Unacked messages go back."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every subscription and drop connections. Unacked messages go back.
+        ``timeout`` bounds the wait for each subscription (see
+        :meth:`Subscription.cancel`); a command about to exit passes 0."""
 
     def __enter__(self) -> Transport:
         return self

@@ -175,7 +175,7 @@ class MemoryTransport(Transport):
     def declare(self, topic: str, queue: str) -> None:
         self.broker.queue(queue, check_topic(topic), durable=True)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         for sub in self.subs:
-            sub.cancel()
+            sub.cancel(timeout)
         self.subs.clear()

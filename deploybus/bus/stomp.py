@@ -431,9 +431,9 @@ class StompTransport(Transport):
         except stomp.exception.StompException as exc:
             log.warning("stomp ack failed; broker will redeliver", error=str(exc))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         for sub in list(self._subs.values()):
-            sub.cancel()
+            sub.cancel(timeout)
         self._stop.set()
         self._wake.set()
         with self._lock:

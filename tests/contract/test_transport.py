@@ -104,6 +104,22 @@ def test_durable_queue_keeps_messages_while_nobody_listens(bus: Transport, bus_u
         other.close()
 
 
+def test_batch_arrives_whole_and_in_order(bus: Transport, bus_url: str) -> None:
+    bus.declare("deploy.requests.b1", "agent-b1")
+    bus.declare("deploy.requests.b2", "agent-b2")
+    bus.publish_batch([(f"deploy.requests.b{1 + i % 2}", f"m{i}".encode()) for i in range(6)])
+    bus.publish_batch([("deploy.requests.b1", b"after")])  # a batch of one, too
+    other = open_bus(bus_url)
+    try:
+        one, two = Inbox(), Inbox()
+        other.subscribe("deploy.requests.b1", one, queue="agent-b1")
+        other.subscribe("deploy.requests.b2", two, queue="agent-b2")
+        assert one.bodies(4) == [b"m0", b"m2", b"m4", b"after"]
+        assert two.bodies(3) == [b"m1", b"m3", b"m5"]
+    finally:
+        other.close()
+
+
 def test_competing_consumers_share_a_durable_queue(bus: Transport, bus_url: str) -> None:
     seen: list[bytes] = []
     lock = threading.Lock()
