@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,9 +77,11 @@ class Envelope:
         return parse_time(self.expires, "expires") if self.expires else None
 
     def unsigned_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("sig")
-        return d
+        # Not dataclasses.asdict: it deep-copies the body, which cost more
+        # than the signature itself (docs/performance.md).
+        return {"v": self.v, "id": self.id, "type": self.type, "at": self.at,
+                "expires": self.expires, "sender": self.sender,
+                "correlation": self.correlation, "body": self.body}
 
     def signing_bytes(self) -> bytes:
         """Canonical bytes the signature covers: sorted keys, no whitespace."""
@@ -90,7 +92,8 @@ class Envelope:
         return replace(self, sig=sig)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(self.unsigned_dict() | {"sig": self.sig}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
 
 
 def new(type: str, body: dict[str, Any], *, sender: str, correlation: str | None = None,
@@ -158,3 +161,13 @@ def decode(raw: bytes) -> Envelope:
     except UnicodeEncodeError:
         raise EnvelopeError("message contains unpaired surrogates") from None
     return env
+
+
+def progress_entries(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of a ``deploy.progress`` body: ``{step, message, lines, at}``
+    each; an agent sends the progress of one deploy that comes close together
+    as one message. EnvelopeError if the body has no list of entries."""
+    entries = body.get("entries")
+    if not isinstance(entries, list):
+        raise EnvelopeError("deploy.progress without a list of entries")
+    return [e for e in entries if isinstance(e, dict)]

@@ -1,9 +1,14 @@
-"""Local git mirrors and checkouts (GitPython), shared by the fetcher and the agent.
+"""Local git mirrors and checkouts, shared by the fetcher and the agent.
 
 A host keeps one bare mirror per project under ``<state_dir>/mirrors``;
 deploys check out of it, so a deploy needs no network once the mirror has
 the commit. Mirror updates take a file lock so the fetcher and the agent
 never fetch into the same mirror at once.
+
+Every operation is one ``git`` command run directly. GitPython was used here
+first; its ``Repo()`` reads the repository's config in Python each time it
+is made, which cost more CPU per deploy than the git commands themselves
+(docs/performance.md), and kept 12 MB resident in every agent.
 """
 
 from __future__ import annotations
@@ -11,15 +16,24 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from deploybus.errors import DeployError, RefError
 from deploybus.refs import check_ref
 
-# GitPython is imported where it is used: an idle agent does not carry its
-# ~12 MB until its first deploy (see docs/performance.md, "Idle agent").
+#: A fetch or clone that takes longer than this (seconds) is killed and fails.
+FETCH_TIMEOUT = 600.0
+
+
+def no_prompts() -> None:
+    """git in this process (and its children) never asks for credentials on
+    a terminal: a daemon has nobody to answer. The agent and the fetcher call
+    it at start; setting it once, rather than passing an environment to each
+    git command, spares copying the whole environment per command."""
+    os.environ["GIT_TERMINAL_PROMPT"] = "0"
 
 
 def mirror_path(state_dir: Path, project: str) -> Path:
@@ -37,63 +51,105 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def update_mirror(state_dir: Path, project: str, url: str) -> Path:
-    """Clone the mirror if missing, else fetch (pruning deleted refs)."""
-    import git
+def _git(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], capture_output=True, text=True, errors="replace",
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
+
+def update_mirror(state_dir: Path, project: str, url: str, *,
+                  maintenance: bool = False) -> Path:
+    """Clone the mirror if missing, else fetch (pruning deleted refs).
+
+    ``maintenance``: let git run its automatic housekeeping (``gc --auto``)
+    after the fetch. The fetcher does; a deploy does not, so that a repack
+    never lands in the middle of one."""
     path = mirror_path(state_dir, project)
     with _locked(path):
+        if (path / "HEAD").exists():
+            cmd = ["--git-dir", str(path), "fetch", "--quiet", "--prune", "--tags",
+                   "--auto-maintenance" if maintenance else "--no-auto-maintenance",
+                   "origin", "+refs/heads/*:refs/heads/*"]
+        else:
+            cmd = ["clone", "--quiet", "--mirror", "--no-hardlinks", "--", url, str(path)]
         try:
-            if (path / "HEAD").exists():
-                git.Repo(path).git.fetch("--prune", "--tags", "origin",
-                                         "+refs/heads/*:refs/heads/*")
-            else:
-                git.Repo.clone_from(url, path, mirror=True, multi_options=["--no-hardlinks"])
-        except git.GitCommandError as exc:
+            r = _git(*cmd, timeout=FETCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
             raise DeployError(f"git could not update mirror of {project} from {url}: "
-                              f"{exc.stderr.strip() or exc}") from None
+                              f"no answer within {FETCH_TIMEOUT:.0f}s") from None
+        if r.returncode != 0:
+            raise DeployError(f"git could not update mirror of {project} from {url}: "
+                              f"{r.stderr.strip()[-500:] or f'exit {r.returncode}'}")
     return path
 
 
 def resolve(mirror: Path, ref: str) -> str:
     """The commit id ``ref`` names in ``mirror``; RefError if it names none."""
-    import git
-
     check_ref(ref)
-    try:
-        return git.Repo(mirror).git.rev_parse("--verify", "--quiet", "--end-of-options",
-                                              f"{ref}^{{commit}}")
-    except git.GitCommandError:
-        raise RefError(f"ref {ref!r} not found") from None
-    except (git.NoSuchPathError, git.InvalidGitRepositoryError):
-        raise RefError(f"no mirror at {mirror}") from None
+    if not (mirror / "HEAD").is_file():
+        raise RefError(f"no mirror at {mirror}")
+    r = _git("--git-dir", str(mirror), "rev-parse", "--verify", "--quiet", "--end-of-options",
+             f"{ref}^{{commit}}")
+    if r.returncode != 0:
+        raise RefError(f"ref {ref!r} not found")
+    return r.stdout.strip()
 
 
-def export(mirror: Path, commit: str, dest: Path) -> int:
+def export(mirror: Path, commit: str, dest: Path,
+           on_start: Callable[[int], None] | None = None) -> int:
     """Write the tree of ``commit`` into ``dest`` (no .git); returns the entry count.
 
     ``git archive | tar -x``: the tree is written as git would check it out
     (symlinks included), at the speed of tar rather than of Python's tarfile
     (about 40% less CPU per deploy, measured by bench/fanout.py).
+
+    Both run in one new process group, handed to ``on_start`` before any
+    work is done, so that whoever recovers from this process being killed
+    can stop them: they would otherwise go on writing into ``dest``.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "--git-dir", str(mirror), "archive", "--format=tar",
-                                commit], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert archive.stdout is not None
-    try:
-        tar = subprocess.run(["tar", "-x", "-v", "--no-same-owner", "-C", str(dest)],
-                             stdin=archive.stdout, capture_output=True)
-    finally:
-        archive.stdout.close()
-        archive_err = archive.stderr.read() if archive.stderr else b""
+    # tar's listing (one line per entry) and both stderrs go to files, read
+    # once at the end: a pipe would wake this process for every entry.
+    with tempfile.TemporaryFile() as listing, tempfile.TemporaryFile() as archive_err, \
+            tempfile.TemporaryFile() as tar_err:
+        read_end, write_end = os.pipe()
+        try:
+            # tar first, as the group's leader: it cannot end before git
+            # archive has joined the group, because this process still holds
+            # the pipe's write end.
+            tar = subprocess.Popen(["tar", "-x", "-v", "--no-same-owner", "-C", str(dest)],
+                                   stdin=read_end, stdout=listing, stderr=tar_err,
+                                   process_group=0)
+            os.close(read_end)
+            read_end = -1
+            if on_start is not None:
+                on_start(tar.pid)
+            try:
+                archive = subprocess.Popen(["git", "--git-dir", str(mirror), "archive",
+                                            "--format=tar", commit], stdout=write_end,
+                                           stderr=archive_err, stdin=subprocess.DEVNULL,
+                                           process_group=tar.pid)
+            except OSError as exc:
+                tar.kill()
+                tar.wait()
+                raise DeployError(f"cannot run git archive: {exc}") from None
+        finally:
+            if read_end >= 0:
+                os.close(read_end)
+            os.close(write_end)
         archive.wait()
-    if archive.returncode != 0:
-        raise DeployError(f"git archive of {commit} failed: "
-                          f"{archive_err.decode(errors='replace').strip()}")
-    if tar.returncode != 0:
-        raise DeployError(f"unpacking {commit} failed: "
-                          f"{tar.stderr.decode(errors='replace').strip()[-500:]}")
-    return tar.stdout.count(b"\n")
+        tar.wait()
+        # git's own failure (exit > 0) explains tar's; tar's failure explains
+        # git being killed by SIGPIPE (exit < 0).
+        if archive.returncode > 0 or (archive.returncode != 0 and tar.returncode == 0):
+            archive_err.seek(0)
+            raise DeployError(f"git archive of {commit} failed: "
+                              f"{archive_err.read().decode(errors='replace').strip()[-500:]}")
+        if tar.returncode != 0:
+            tar_err.seek(0)
+            raise DeployError(f"unpacking {commit} failed: "
+                              f"{tar_err.read().decode(errors='replace').strip()[-500:]}")
+        listing.seek(0)
+        return listing.read().count(b"\n")
 
 
 def fsync_dir(path: Path) -> None:

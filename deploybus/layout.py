@@ -87,9 +87,11 @@ class Layout:
     def complete_releases(self) -> list[str]:
         """Names of the release directories that are complete, oldest first."""
         try:
-            return sorted(p.name for p in self.releases.iterdir()
-                          if p.is_dir() and not p.is_symlink()
-                          and not p.name.endswith(".partial") and not p.name.startswith("."))
+            with os.scandir(self.releases) as it:
+                # DirEntry.is_dir without following links: no stat per release
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False)
+                              and not e.name.endswith(".partial")
+                              and not e.name.startswith("."))
         except FileNotFoundError:
             return []
 
@@ -190,11 +192,13 @@ class Layout:
         """Delete the oldest releases beyond ``keep`` and leftover partial
         checkouts; never the current release, the one a rollback from it
         would go to, or any in ``protect``. Returns what was removed."""
-        current = self.current_release()
-        keepers = {current, self.rollback_target(current), *protect} - {None}
         removed = self.remove_leftovers()
         complete = self.complete_releases()
-        for name in complete[:-keep] if len(complete) > keep else []:
+        if len(complete) <= keep:
+            return removed
+        current = self.current_release()
+        keepers = {current, self.rollback_target(current), *protect} - {None}
+        for name in complete[:-keep]:
             if name in keepers:
                 continue
             shutil.rmtree(self.releases / name, ignore_errors=True)

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from deploybus import envelope, topics
+from deploybus import envelope, gitutil, topics
 from deploybus.bus import Delivery
 from deploybus.daemons.deploy_agent import steps
 from deploybus.daemons.deploy_agent.journal import ACCEPTED, DONE, RUNNING, Journal
@@ -65,6 +65,11 @@ SYNCED_STEPS = frozenset({"switch"})
 
 #: Progress messages waiting for the broker beyond this are dropped.
 OUTBOX_LIMIT = 1000
+
+#: Progress of one deploy within this many seconds goes out as one message...
+PROGRESS_LINGER = 0.5
+#: ...of at most this many entries.
+PROGRESS_BATCH = 50
 
 
 def _now() -> str:
@@ -133,6 +138,7 @@ class DeployAgent(Service):
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        gitutil.no_prompts()
         self.journal.ensure()
         self.root.mkdir(parents=True, exist_ok=True)
         self.verifier = self.ctx.config.verifier(replay_path=self.state_dir / "seen.jsonl")
@@ -200,18 +206,29 @@ class DeployAgent(Service):
                 self.ctx.stats.incr("progress_dropped")
                 return
             self._outbox.put(("deploy.progress", job.rollout,
-                              base | {"step": step, "message": message, "lines": lines or []}))
+                              base | {"entries": [{"step": step, "message": message,
+                                                   "lines": lines or [], "at": _now()}]}))
         return progress
 
     def _publish_loop(self) -> None:
-        """The outbox: progress and results in order; results retried until sent."""
+        """The outbox: progress and results in order; results retried until sent.
+
+        Progress lines of one rollout that come within PROGRESS_LINGER of each
+        other go out as one message (up to PROGRESS_BATCH lines): a deploy
+        sends a few messages rather than one per step, which is what the
+        broker, the orchestrator and every watcher pay for."""
+        carried: deque[Any] = deque()  # taken from the outbox while gathering progress
         while True:
-            try:
-                item = self._outbox.get(timeout=RETRY_INTERVAL if self._unpublished else None)
-            except queue.Empty:
-                item = ("retry", "", {})
+            if carried:
+                item = carried.popleft()
+            else:
+                try:
+                    item = self._outbox.get(timeout=RETRY_INTERVAL if self._unpublished else None)
+                except queue.Empty:
+                    item = ("retry", "", {})
             try:
                 if item is not None and item[0] == "deploy.progress":
+                    item = self._gather(item, carried)
                     try:
                         self.publish(*item)
                     except BusError as exc:
@@ -226,6 +243,25 @@ class DeployAgent(Service):
                 self.log.exception("outbox error")
             if item is None:
                 return
+
+    def _gather(self, first: tuple[str, str, dict[str, Any]],
+                carried: deque[Any]) -> tuple[str, str, dict[str, Any]]:
+        """``first`` merged with the progress of the same rollout that follows
+        within PROGRESS_LINGER. The first other item taken from the outbox
+        (a result, another rollout's progress, the stop sentinel) goes to
+        ``carried``, to be handled next."""
+        entries = list(first[2]["entries"])
+        deadline = time.monotonic() + PROGRESS_LINGER
+        while len(entries) < PROGRESS_BATCH:
+            try:
+                nxt = self._outbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None or nxt[0] != "deploy.progress" or nxt[1] != first[1]:
+                carried.append(nxt)
+                break
+            entries.extend(nxt[2]["entries"])
+        return first[0], first[1], first[2] | {"entries": entries}
 
     def _heartbeat_loop(self) -> None:
         """While deploys run, a line for each that has been quiet for HEARTBEAT

@@ -13,10 +13,7 @@ release belong in the ``post_switch`` script, whose failure switches back.
 
 from __future__ import annotations
 
-import http.client
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,15 +23,19 @@ from deploybus.errors import DeployError
 
 STEP = "health"
 
-#: urllib without proxies from the environment: the check is about this host.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 def _probe_url(url: str, timeout: float) -> str:
     """One HTTP attempt; returns a description, raises DeployError if unhealthy."""
+    # Imported here: urllib and http.client cost an idle agent 2 MB.
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    # urllib without proxies from the environment: the check is about this host.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     req = urllib.request.Request(url, headers={"User-Agent": "deploybus-health/1"})
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             status = resp.status
             resp.read(65536)
     except urllib.error.HTTPError as exc:

@@ -86,8 +86,9 @@ def _stamp(layout: Layout) -> str:
     on it), even for deploys within a microsecond or a clock that went back."""
     t = datetime.now(UTC)
     newest = max((r.split("-", 1)[0] for r in layout.complete_releases()), default="")
-    for p in layout.meta.joinpath("releases").glob("*.json"):
-        newest = max(newest, p.stem.split("-", 1)[0])
+    for name in os.listdir(layout.meta / "releases"):
+        if name.endswith(".json"):
+            newest = max(newest, name.split("-", 1)[0])
     stamp = t.strftime(STAMP_FORMAT)
     if stamp <= newest:
         try:
@@ -211,7 +212,11 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             run.tracker.step("checkout")
             progress("checkout", f"checking out {commit[:12]} into releases/{release}", None)
             partial = layout.releases / f"{release}.partial"
-            files = gitutil.export(mirror, commit, partial)
+            try:
+                files = gitutil.export(mirror, commit, partial, on_start=lambda pgid: (
+                    run.tracker.script(pgid, scripts.proc_start_time(pgid))))
+            finally:
+                run.tracker.script(None, None)
             owner = (run.runas.uid, run.runas.gid) if run.runas and os.geteuid() == 0 else None
             if owner is not None:
                 _chown_tree(partial, *owner)
@@ -359,7 +364,8 @@ def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, stat
     reason = f"interrupted: agent restarted during {step}"
     script = entry.get("script") or {}
     if isinstance(script.get("pgid"), int) and kill(script["pgid"], script.get("start")):
-        reason += f"; killed the {step} script it had left running"
+        what = "git archive | tar" if step == "checkout" else f"{step} script"
+        reason += f"; killed the {what} it had left running"
     run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
                tracker=None)
     layout = run.layout

@@ -33,7 +33,7 @@ class RepoFetcher(Service):
     def fetch(self, project: str) -> None:
         url = self.served()[project]
         try:
-            path = gitutil.update_mirror(self.state_dir, project, url)
+            path = gitutil.update_mirror(self.state_dir, project, url, maintenance=True)
         except DeployBusError as exc:
             self.ctx.stats.incr("fetch_failed")
             self.log.warning("fetch failed", project=project, error=str(exc))
@@ -42,6 +42,7 @@ class RepoFetcher(Service):
         self.log.info("mirror updated", project=project, mirror=str(path))
 
     def start(self) -> None:
+        gitutil.no_prompts()
         for project in self.served():
             self.fetch(project)
         self.dispatcher.subscribe(topics.GIT_COMMITS, self.on_push,

@@ -126,14 +126,20 @@ class Events:
                     and e.body.get("rollout") == rollout]
 
     def progress(self, rollout: str) -> list[dict[str, Any]]:
+        """Every progress entry of ``rollout``, in order, with the message's
+        common fields (host, project...) merged in."""
         with self.cond:
-            return [e.body for e in self.items if e.type == "deploy.progress"
-                    and e.body.get("rollout") == rollout]
+            return [{k: v for k, v in e.body.items() if k != "entries"} | entry
+                    for e in self.items if e.type == "deploy.progress"
+                    and e.body.get("rollout") == rollout
+                    for entry in envelope.progress_entries(e.body)]
 
 
 def _short(e: Any) -> Any:
     if isinstance(e, envelope.Envelope):
-        return (e.type, e.body.get("step"), e.body.get("status"), e.body.get("message"),
+        entries = e.body.get("entries") or [{}]  # progress: show its last entry
+        last = entries[-1] if isinstance(entries, list) and isinstance(entries[-1], dict) else {}
+        return (e.type, last.get("step"), e.body.get("status"), last.get("message"),
                 e.body.get("reason"))
     return e
 

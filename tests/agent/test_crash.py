@@ -194,6 +194,8 @@ def test_kill_9_at_each_step_leaves_a_complete_release_and_a_failed_report(
             assert list(lay.dir.glob(".current.tmp-*")), "killed between link and rename"
         if point == "checkout":
             assert list(lay.releases.glob("*.partial"))
+            # git archive | tar outlive the agent; recovery stops them by this
+            assert isinstance((entry.get("script") or {}).get("pgid"), int), entry
 
         # -- restart -----------------------------------------------------------------------
         agent = AgentProcess(site)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deploybus import envelope
 from tests.agent.harness import process_gone, wait_until
 
 
@@ -403,7 +404,8 @@ def test_output_is_streamed_while_the_script_runs(harness) -> None:
     env = h.site.request("v1")
     rollout = h.site.send(h.bus, env)
     h.events.wait(lambda e: getattr(e, "type", "") == "deploy.progress"
-                  and "first" in e.body.get("lines", []), 5)
+                  and any("first" in x.get("lines", [])
+                          for x in envelope.progress_entries(e.body)), 5)
     first_at = time.monotonic()
     result = h.events.result(rollout)
     assert result["status"] == "succeeded"

@@ -63,6 +63,12 @@ def send_request(c: Cluster) -> tuple[str, queue.Queue[envelope.Envelope], objec
     return rid, events, bus
 
 
+def in_step(step: str):  # noqa: ANN201
+    """A progress message with an entry of ``step``."""
+    return lambda e: e.type == "deploy.progress" and any(
+        x.get("step") == step for x in envelope.progress_entries(e.body))
+
+
 def wait_event(events: queue.Queue[envelope.Envelope], pred, timeout: float = 30):  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,7 +105,7 @@ def test_warm_stop_finishes_the_deploy_in_flight(cluster: Cluster) -> None:
     assert agent.ready.wait(60)
     rid, events, bus = send_request(cluster)
     try:
-        wait_event(events, lambda e: e.body.get("step") == "pre")
+        wait_event(events, in_step("pre"))
         agent.proc.send_signal(signal.SIGTERM)
         result = wait_event(events, lambda e: e.type == "deploy.result")
         assert result.body["status"] == "succeeded"
@@ -115,7 +121,7 @@ def test_second_signal_is_a_cold_stop(cluster: Cluster) -> None:
     assert agent.ready.wait(60)
     rid, events, bus = send_request(cluster)
     try:
-        wait_event(events, lambda e: e.body.get("step") == "pre")
+        wait_event(events, in_step("pre"))
         agent.proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         assert agent.alive(), "the first signal waits for the deploy in flight"
