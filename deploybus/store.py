@@ -20,19 +20,19 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from deploybus.errors import DeployBusError
-
-#: Rollout states; the last four are final.
-ROLLOUT_STATES = ("queued", "running", "paused", "succeeded", "failed", "refused", "aborted")
-FINAL_STATES = frozenset({"succeeded", "failed", "refused", "aborted"})
-
-#: Host step states that are settled (the host will not be asked again).
-SETTLED_STEPS = frozenset({"succeeded", "failed", "refused", "skipped", "offline"})
+from deploybus.states import (  # noqa: F401 - re-exported
+    FINAL_STATES,
+    ROLLOUT_STATES,
+    SETTLED_STEPS,
+)
 
 
 class StoreError(DeployBusError):
@@ -175,20 +175,25 @@ class Store:
                 s.add(HostStep(rollout_id=id, host=h, position=i))
         return True
 
+    # The frequent writes are single UPDATE statements (SQLAlchemy Core), not
+    # load-modify-flush through the ORM: a rollout makes several per host.
+
     def set_rollout(self, id: str, *, state: str, reason: str | None = None) -> None:
-        with self.session.begin() as s:
-            r = s.get(Rollout, id)
-            if r is not None:
-                r.state, r.reason, r.updated_at = state, reason, utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(update(Rollout).where(Rollout.id == id)
+                         .values(state=state, reason=reason, updated_at=utcnow()))
 
     def set_step(self, rollout_id: str, host: str, **fields: Any) -> None:
-        with self.session.begin() as s:
-            step = s.scalar(select(HostStep).where(HostStep.rollout_id == rollout_id,
-                                                   HostStep.host == host))
-            if step is not None:
-                for k, v in fields.items():
-                    setattr(step, k, v)
-                step.updated_at = utcnow()
+        self.set_steps(rollout_id, [host], **fields)
+
+    def set_steps(self, rollout_id: str, hosts: list[str], **fields: Any) -> None:
+        """Set ``fields`` on the steps of ``hosts``, in one transaction."""
+        if not hosts:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(update(HostStep).where(HostStep.rollout_id == rollout_id,
+                                                HostStep.host.in_(hosts))
+                         .values(**fields, updated_at=utcnow()))
 
     def steps(self, rollout_id: str) -> dict[str, dict[str, Any]]:
         with self.session() as s:
@@ -273,8 +278,17 @@ class Store:
                      "rollout": a.rollout_id, "detail": a.detail} for a in rows]
 
     def add_log(self, rollout_id: str, host: str, step: str, text: str) -> None:
-        with self.session.begin() as s:
-            s.add(LogLine(rollout_id=rollout_id, host=host, step=step, text=text))
+        self.add_logs(rollout_id, host, [(step, text)])
+
+    def add_logs(self, rollout_id: str, host: str, lines: list[tuple[str, str]]) -> None:
+        """Append ``(step, text)`` lines of one host, in one transaction."""
+        if not lines:
+            return
+        at = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(insert(LogLine), [{"rollout_id": rollout_id, "host": host,
+                                            "step": step, "text": text, "at": at}
+                                           for step, text in lines])
 
     def record_presence(self, name: str, info: dict[str, Any]) -> None:
         with self.session.begin() as s:
@@ -304,9 +318,18 @@ class Store:
 
     def hosts(self) -> list[dict[str, Any]]:
         with self.session() as s:
-            return [{"name": h.name, "last_seen": _aware(h.last_seen).isoformat(),
-                     "age": (utcnow() - _aware(h.last_seen)).total_seconds(), "info": h.info}
-                    for h in s.scalars(select(Host).order_by(Host.name))]
+            return [self._host_dict(h) for h in s.scalars(select(Host).order_by(Host.name))]
+
+    def host(self, name: str) -> dict[str, Any] | None:
+        """One host's presence record, or None if it was never seen."""
+        with self.session() as s:
+            h = s.get(Host, name)
+            return self._host_dict(h) if h is not None else None
+
+    @staticmethod
+    def _host_dict(h: Host) -> dict[str, Any]:
+        return {"name": h.name, "last_seen": _aware(h.last_seen).isoformat(),
+                "age": (utcnow() - _aware(h.last_seen)).total_seconds(), "info": h.info}
 
     @staticmethod
     def _rollout_dict(r: Rollout) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class RolloutRun:
     def __init__(self, orch: Orchestrator, record: dict[str, Any], strategy: Strategy,
                  request_timeout: float, haproxy: HAProxy | None = None) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
+        self._settled: set[str] = set()
         self.id: str = record["id"]
         self.project: str = record["project"]
         self.environment: str = record["environment"]
@@ -91,24 +92,32 @@ class RolloutRun:
             raise Stopping
 
     def _offline(self, host: str) -> str | None:
-        for h in self.store.hosts():
-            if h["name"] == host:
-                interval = h["info"].get("interval", 10) or 10
-                if h["age"] > interval * OFFLINE_AFTER_BEATS:
-                    return f"host offline: last heartbeat {h['age']:.0f}s ago"
-        return None  # never seen: ask anyway; the request expires if nobody takes it
+        h = self.store.host(host)
+        if h is None:
+            return None  # never seen: ask anyway; the request expires if nobody takes it
+        interval = h["info"].get("interval", 10) or 10
+        if h["age"] > interval * OFFLINE_AFTER_BEATS:
+            return f"host offline: last heartbeat {h['age']:.0f}s ago"
+        return None
 
     def _request(self, host: str, *, rollout: str, action: str, release: str | None,
                  ttl: float) -> None:
-        body: dict[str, Any] = {"rollout": rollout, "project": self.project,
-                                "environment": self.environment, "ref": self.ref,
-                                "host": host, "user": self.user, "action": action,
-                                "position": self.hosts.index(host)}
-        if release:
-            body["release"] = release
-        self.orch.expect(rollout, host)
-        self.orch.send(topics.requests_for(host), "deploy.request", body, correlation=rollout,
-                       ttl=ttl)
+        self._request_many([host], rollout=rollout, action=action, release=release, ttl=ttl)
+
+    def _request_many(self, hosts: list[str], *, rollout: str, action: str,
+                      release: str | None, ttl: float) -> None:
+        """Ask ``hosts`` at once: one batch on the bus."""
+        messages = []
+        for host in hosts:
+            body: dict[str, Any] = {"rollout": rollout, "project": self.project,
+                                    "environment": self.environment, "ref": self.ref,
+                                    "host": host, "user": self.user, "action": action,
+                                    "position": self.hosts.index(host)}
+            if release:
+                body["release"] = release
+            self.orch.expect(rollout, host)
+            messages.append((topics.requests_for(host), "deploy.request", body, rollout, ttl))
+        self.orch.send_many(messages)
 
     # -- the run -----------------------------------------------------------------------
 
@@ -130,6 +139,9 @@ class RolloutRun:
     def _run(self) -> None:
         steps = self.store.steps(self.id)
         failures = sum(1 for s in steps.values() if s["state"] in FAILED_STATES)
+        # Hosts settled so far (before a restart too): counted here, not by
+        # reading every step back from the store after each host.
+        self._settled = {h for h, s in steps.items() if s["state"] in SETTLED_STEPS}
         phases = self.strategy.phases(self.hosts)
         self.orch.status(self.id, "paused" if self.paused else "running", hosts=self.hosts,
                          phases=phases, strategy=self.strategy.to_dict())
@@ -175,7 +187,9 @@ class RolloutRun:
         steps = self.store.steps(self.id)
         while pending or inflight:
             halted = self.abort_reason or failures_before + failures > self.strategy.max_failures
-            while pending and not halted and not self.paused and len(inflight) < window:
+            starting: list[str] = []
+            while pending and not halted and not self.paused \
+                    and len(inflight) + len(starting) < window:
                 host = pending.pop(0)
                 offline = self._offline(host)
                 if offline:
@@ -194,10 +208,17 @@ class RolloutRun:
                         self._settle(host, {"status": "failed",
                                             "reason": f"could not drain: {exc}"}, index)
                         continue
-                if steps.get(host, {}).get("state") != "requested":
-                    self.store.set_step(self.id, host, state="requested")
-                self._request(host, rollout=self.id, action=self.action,
-                              release=self.target_release, ttl=self.request_timeout)
+                starting.append(host)
+            # Recorded before any is asked, in one transaction: after a restart a
+            # host marked requested is asked again (its agent answers a repeat
+            # from its journal), never skipped.
+            self.store.set_steps(self.id, [h for h in starting
+                                           if steps.get(h, {}).get("state") != "requested"],
+                                 state="requested")
+            if starting:
+                self._request_many(starting, rollout=self.id, action=self.action,
+                                   release=self.target_release, ttl=self.request_timeout)
+            for host in starting:
                 inflight[host] = time.monotonic() + self.request_timeout
             if not inflight:
                 if pending and self.paused and not halted:
@@ -248,12 +269,13 @@ class RolloutRun:
                             commit=result.get("commit"),
                             previous_release=result.get("previous_release"),
                             message=result.get("reason"))
-        steps = self.store.steps(self.id)
-        done = sum(1 for s in steps.values() if s["state"] in SETTLED_STEPS)
-        self.orch.send(topics.EVENTS, "deploy.rollout.status",
+        self._settled.add(host)
+        self.orch.send(topics.STATUS, "deploy.rollout.status",
                        {"rollout": self.id, "state": "running", "host": host,
-                        "host_state": state, "reason": result.get("reason"), "phase": phase,
-                        "done": done, "total": len(self.hosts)}, correlation=self.id)
+                        "host_state": state, "reason": result.get("reason"),
+                        "release": result.get("release"), "phase": phase,
+                        "done": len(self._settled), "total": len(self.hosts)},
+                       correlation=self.id)
 
     def _between(self, index: int) -> None:
         """After phase ``index``: the pause of the strategy, or wait for promote."""

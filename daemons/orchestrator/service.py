@@ -42,6 +42,14 @@ LOCK_TTL = 6 * 3600
 CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
 
 
+def _log_text(entry: dict[str, Any]) -> str:
+    text = str(entry.get("message", ""))
+    lines = entry.get("lines")
+    if isinstance(lines, list) and lines:
+        text += "\n" + "\n".join(str(x) for x in lines)
+    return text
+
+
 class Orchestrator(Service):
     """See the module docstring."""
 
@@ -70,8 +78,7 @@ class Orchestrator(Service):
         # runs expecting them.
         self.resume()
         self.dispatcher.subscribe(topics.EVENTS, self.on_event, queue=topics.ORCHESTRATOR_EVENTS,
-                                  types={"deploy.progress", "deploy.result",
-                                         "deploy.rollout.status"}, prefetch=50)
+                                  types={"deploy.progress", "deploy.result"}, prefetch=50)
         self.dispatcher.subscribe(topics.CONTROL, self.on_control,
                                   queue=topics.ORCHESTRATOR_CONTROL, types={"deploy.control"})
         self.dispatcher.subscribe(topics.ROLLOUTS, self.on_rollout,
@@ -105,9 +112,29 @@ class Orchestrator(Service):
                 if not backoff.wait():
                     raise
 
+    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]]) -> None:
+        """Sign and publish ``(topic, type, body, correlation, ttl)`` messages as
+        one batch (one broker round trip on AMQP); retried whole, like
+        :meth:`send`, while the broker is away. A message the broker had
+        already taken before a failure may go out twice: agents answer a
+        repeated request from their journal."""
+        raw = [(topic, self.ctx.signing_key.sign(envelope.new(
+                    type, body, sender=self.ctx.sender, correlation=correlation, ttl=ttl)
+                ).encode()) for topic, type, body, correlation, ttl in messages]
+        backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
+        while True:
+            try:
+                self.ctx.bus.publish_batch(raw)
+                return
+            except BusError as exc:
+                self.log.warning("batch publish failed; retrying", count=len(raw),
+                                 error=str(exc), retry_in=round(backoff.delay, 1))
+                if not backoff.wait():
+                    raise
+
     def status(self, rollout: str, state: str, reason: str | None = None, **extra: Any) -> None:
         self.store.set_rollout(rollout, state=state, reason=reason)
-        self.send(topics.EVENTS, "deploy.rollout.status",
+        self.send(topics.STATUS, "deploy.rollout.status",
                   {"rollout": rollout, "state": state, "reason": reason, **extra},
                   correlation=rollout)
         self.log.info("rollout " + state, rollout=rollout, reason=reason)
@@ -176,7 +203,7 @@ class Orchestrator(Service):
             return  # a redelivery of a rollout we already decided on
         self.store.audit(actor=signer or user, action="refused", project=project,
                          environment=environment, rollout_id=rollout, reason=reason, user=user)
-        self.send(topics.EVENTS, "deploy.rollout.status",
+        self.send(topics.STATUS, "deploy.rollout.status",
                   {"rollout": rollout, "state": "refused", "reason": reason},
                   correlation=rollout)
 
@@ -262,7 +289,7 @@ class Orchestrator(Service):
             self.store.audit(actor=signer, action="refused", project=project,
                              environment=environment, rollout_id=rollout, reason=reason,
                              user=user)
-            self.send(topics.EVENTS, "deploy.rollout.status",
+            self.send(topics.STATUS, "deploy.rollout.status",
                       {"rollout": rollout, "state": "refused", "reason": reason,
                        "lock": held}, correlation=rollout)
             self.log.warning("rollout refused: locked", rollout=rollout, holder=held)
@@ -299,7 +326,7 @@ class Orchestrator(Service):
                 raise DeployBusError(f"rollout {rollout} is {record['state']}, not running here")
         except DeployBusError as exc:
             self.log.warning("control refused", rollout=rollout, action=action, reason=str(exc))
-            self.send(topics.EVENTS, "deploy.rollout.status",
+            self.send(topics.STATUS, "deploy.rollout.status",
                       {"rollout": rollout, "state": record["state"] if record else "unknown",
                        "control": action, "control_refused": str(exc)}, correlation=rollout)
             return
@@ -319,12 +346,9 @@ class Orchestrator(Service):
                 if key in self._progress:
                     self._progress[key] = time.monotonic()
                     self.cond.notify_all()
-            text = str(body.get("message", ""))
-            lines = body.get("lines") or []
-            if isinstance(lines, list) and lines:
-                text += "\n" + "\n".join(str(x) for x in lines)
-            self.store.add_log(rollout.removesuffix(".rb"), host,
-                               str(body.get("step", ""))[:32], text)
+            self.store.add_logs(rollout.removesuffix(".rb"), host,
+                                [(str(e.get("step", ""))[:32], _log_text(e))
+                                 for e in envelope.progress_entries(body)])
         elif env.type == "deploy.result":
             with self.cond:
                 if key in self._expected:

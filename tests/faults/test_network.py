@@ -36,9 +36,11 @@ def proxied(request: pytest.FixtureRequest, tmp_path: Path):
     c.push("main", "v1.0", "v2.0", "v3.0")
     agent_cfg = c.base / "agent.yaml"
     agent_cfg.write_text(c.config.read_text().replace(url, via))
-    c.start("orchestrator", "orchestrator")
+    orchestrator = c.start("orchestrator", "orchestrator")
     agent = c.start("agent", "-c", str(agent_cfg), "agent", "--host", "h1")
-    assert agent.ready.wait(60), c.logs()
+    # Both ready before the first rollout: the orchestrator's queue must exist
+    # (on a broker it never ran against, a rollout sent earlier is dropped).
+    assert agent.ready.wait(60) and orchestrator.ready.wait(60), c.logs()
     yield c, proxy, agent
     c.stop()
     proxy.close()
@@ -50,7 +52,8 @@ def accepted(c: Cluster) -> list[str]:
 
 def test_silent_link_is_detected_and_the_agent_reconnects(proxied) -> None:  # noqa: ANN001
     c, proxy, agent = proxied
-    assert c.deploy("app", "v1.0").returncode == 0
+    r = c.deploy("app", "v1.0")
+    assert r.returncode == 0, r.stdout + r.stderr + c.logs()
     before = proxy.accepted
     proxy.blackhole = True
     assert wait_for(lambda: any("connection lost" in ln or "lost its connection" in ln

@@ -46,7 +46,7 @@ environments: {{prod: {{hosts: [h1]}}}}
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(orch.store, "acquire_lock", boom)
-    bus.subscribe(topics.EVENTS, on_event)
+    bus.subscribe(topics.STATUS, on_event)
     env = envelope.new("deploy.rollout", {"rollout": "r1", "project": "app",
                                           "environment": "prod", "ref": "v1", "user": "u"},
                        sender="t", correlation="r1", ttl=60)
