@@ -19,7 +19,6 @@ Relative paths are taken relative to the directory of the config file.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,13 +154,18 @@ class _Checker:
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         self.lines: dict[tuple[str, ...], int] = {}
+        # One parse gives both the nodes (with their lines) and the data;
+        # libyaml's loader when PyYAML has it.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data = yaml.safe_load(text)
+            node = loader.get_single_node()
+            self.data = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", path=str(path),
                               line=mark.line + 1 if mark else None) from None
+        finally:
+            loader.dispose()
         if node is not None:
             self._index(node, ())
 
@@ -199,6 +203,7 @@ class _Checker:
         if allowed is not None:
             for key in value:
                 if key not in allowed:
+                    import difflib  # only for the error message
                     close = difflib.get_close_matches(str(key), allowed, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else \
                         f" (known: {', '.join(allowed)})"

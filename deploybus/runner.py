@@ -25,25 +25,17 @@ from typing import Any
 import structlog
 
 from deploybus.config import Config
-
-#: Clean exit.
-EXIT_OK = 0
-#: A deploy or command failed (the reason is printed).
-EXIT_FAILURE = 1
-#: Command line usage error (sysexits EX_USAGE).
-EXIT_USAGE = 64
-#: A required service (broker, database) is unavailable (EX_UNAVAILABLE).
-EXIT_UNAVAILABLE = 69
-#: Internal error (EX_SOFTWARE).
-EXIT_SOFTWARE = 70
-#: Timed out waiting; try again (EX_TEMPFAIL).
-EXIT_TEMPFAIL = 75
-#: Refused: not signed, not allowed, locked (EX_NOPERM).
-EXIT_REFUSED = 77
-#: Configuration error (EX_CONFIG); systemd units do not restart on it.
-EXIT_CONFIG = 78
-#: Second signal: cold stop.
-EXIT_COLD = 130
+from deploybus.exits import (  # noqa: F401 - re-exported: deploybus.runner.EXIT_*
+    EXIT_COLD,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 #: Seconds a warm stop waits for in-flight work.
 STOP_GRACE = 30.0

@@ -26,7 +26,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from deploybus.envelope import Envelope, now
@@ -40,12 +39,12 @@ MAX_TTL = timedelta(days=1)
 
 
 def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public.public_bytes_raw()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def public_line(public: Ed25519PublicKey, name: str) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public.public_bytes_raw()
     return f"ed25519 {base64.b64encode(raw).decode()} {name}"
 
 
@@ -76,6 +75,9 @@ class SigningKey:
     def load(cls, path: str | os.PathLike[str], name: str | None = None) -> SigningKey:
         p = Path(path)
         try:
+            # Imported here: cryptography's serialization costs a process that
+            # only verifies (an agent without a key) about 3 MB.
+            from cryptography.hazmat.primitives import serialization
             key = serialization.load_pem_private_key(p.read_bytes(), password=None)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load private key: {exc}", path=str(p)) from None
@@ -91,6 +93,7 @@ class SigningKey:
         for p in (priv, pub):
             if p.exists():
                 raise FileExistsError(f"{p} exists; not overwriting a key")
+        from cryptography.hazmat.primitives import serialization
         pem = self.private.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())

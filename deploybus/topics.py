@@ -8,8 +8,12 @@ CI_EVENTS = "ci.events"
 ROLLOUTS = "deploy.rollouts"
 #: ``deploy.control``: pause, resume, promote, abort a running rollout.
 CONTROL = "deploy.control"
-#: ``deploy.progress``, ``deploy.result`` and ``deploy.rollout.status``.
+#: ``deploy.progress`` and ``deploy.result`` from the agents.
 EVENTS = "deploy.events"
+#: ``deploy.rollout.status`` from the orchestrator: one per state change and
+#: one per host settled, so a watcher of a whole rollout (``deploy --wait``)
+#: need not read every host's progress.
+STATUS = "deploy.status"
 #: ``presence`` heartbeats.
 PRESENCE = "presence"
 #: ``package.update`` for the fetcher's apt-get update.

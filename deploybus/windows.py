@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from deploybus.errors import DeployBusError
 
@@ -104,15 +103,19 @@ class Windows:
     def parse(cls, spec: dict | None) -> Windows:
         spec = spec or {}
         tz = spec.get("timezone", "UTC")
-        try:
-            ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise WindowError(f"unknown timezone {tz!r}") from None
+        if tz != "UTC":
+            # zoneinfo (and its tz database) only for environments that name a zone
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+            try:
+                ZoneInfo(tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise WindowError(f"unknown timezone {tz!r}") from None
         return cls(tz, tuple(Rule.parse(r) for r in spec.get("allow") or ()),
                    tuple(Rule.parse(r) for r in spec.get("deny") or ()))
 
     def refusal(self, at: datetime) -> str | None:
         """Why a deploy at ``at`` is outside the windows, or None if it may go."""
+        from zoneinfo import ZoneInfo
         local = at.astimezone(ZoneInfo(self.timezone))
         for rule in self.deny:
             if rule.matches(local):

@@ -2,7 +2,7 @@
 
 Daemons run as ``deploybus agent``, ``deploybus orchestrator`` and so on, one
 subcommand each, so systemd units stay one line. Exit codes are the named
-``EXIT_*`` constants of :mod:`deploybus.runner`.
+``EXIT_*`` constants of :mod:`deploybus.exits`.
 """
 
 from deploybus.cli import admin, daemons, deploying  # noqa: F401 - they register commands

@@ -11,7 +11,7 @@ import click
 from deploybus import config as configmod
 from deploybus.cli.base import EXIT_CONFIG, State, cli, pass_state
 from deploybus.errors import ConfigError, DeployBusError
-from deploybus.runner import EXIT_FAILURE
+from deploybus.exits import EXIT_FAILURE
 
 #: Seconds the post-receive hook tries to publish before giving up (never
 #: hold a push hostage to the bus).

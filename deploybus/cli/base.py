@@ -2,32 +2,28 @@
 
 Daemons run as ``deploybus agent``, ``deploybus orchestrator`` and so on, one
 subcommand each, so systemd units stay one line. Exit codes are the named
-``EXIT_*`` constants of :mod:`deploybus.runner`.
+``EXIT_*`` constants of :mod:`deploybus.exits`. The runner (and with it
+structlog) is imported only by the daemon subcommands, so that ``deploy``,
+``history`` and the rest start quickly.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from deploybus import __version__
 from deploybus import config as configmod
 from deploybus.errors import BusError, ConfigError, DeployBusError
-from deploybus.runner import (
-    EXIT_CONFIG,
-    EXIT_SOFTWARE,
-    EXIT_UNAVAILABLE,
-    Context,
-    Runner,
-    Service,
-)
+from deploybus.exits import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE
+
+if TYPE_CHECKING:
+    from deploybus.runner import Context, Service
 
 DEFAULT_CONFIG = "/etc/deploybus/deploybus.yaml"
-
-#: How long a deploy.rollout may wait for the orchestrator before it expires.
-ROLLOUT_TTL = 3600
 
 
 class State:
@@ -65,6 +61,7 @@ def main() -> None:
 
 def _context(state: State, host: str | None, *, daemon: str, need_key: bool = False) -> Context:
     from deploybus.bus import connect
+    from deploybus.runner import Context
 
     cfg = state.config
     key = None
@@ -86,6 +83,7 @@ def _context(state: State, host: str | None, *, daemon: str, need_key: bool = Fa
 
 
 def _run(name: str, ctx: Context, services: list[Service]) -> None:
+    from deploybus.runner import Runner
     try:
         code = Runner(services, name=name).run()
     except ConfigError as exc:
@@ -100,11 +98,6 @@ def _run(name: str, ctx: Context, services: list[Service]) -> None:
     finally:
         ctx.bus.close()
     sys.exit(code)
-
-
-host_option = click.option("--host", default=None, help="This host's name (default: hostname).")
-
-
 
 
 host_option = click.option("--host", default=None, help="This host's name (default: hostname).")

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import click
 
-from deploybus import log
 from deploybus.cli.base import State, _context, _run, cli, host_option, pass_state
+
+
+def _setup_logging() -> None:
+    from deploybus import log  # structlog: only daemons pay for it
+    log.setup()
 
 
 @cli.command()
@@ -17,7 +21,7 @@ from deploybus.cli.base import State, _context, _run, cli, host_option, pass_sta
 def agent(state: State, host: str | None) -> None:
     """Run the deploy agent for this host."""
     from deploybus.daemons.deploy_agent.agent import DeployAgent
-    log.setup()
+    _setup_logging()
     ctx = _context(state, host, daemon="agent")
     _run("agent", ctx, [DeployAgent(ctx)])
 
@@ -28,7 +32,7 @@ def agent(state: State, host: str | None) -> None:
 def fetcher(state: State, host: str | None) -> None:
     """Run the repo fetcher (local git mirrors) for this host."""
     from deploybus.daemons.repo_fetcher.service import RepoFetcher
-    log.setup()
+    _setup_logging()
     ctx = _context(state, host, daemon="fetcher")
     _run("fetcher", ctx, [RepoFetcher(ctx)])
 
@@ -40,7 +44,7 @@ def fetcher(state: State, host: str | None) -> None:
 def keepalive(state: State, host: str | None, interval: float) -> None:
     """Run the keepalive (heartbeats and presence) for this host."""
     from deploybus.daemons.keepalive.service import Keepalive
-    log.setup()
+    _setup_logging()
     ctx = _context(state, host, daemon="keepalive")
     _run("keepalive", ctx, [Keepalive(ctx, interval=interval)])
 
@@ -50,7 +54,7 @@ def keepalive(state: State, host: str | None, interval: float) -> None:
 def orchestrator(state: State) -> None:
     """Run the orchestrator (rollouts)."""
     from deploybus.daemons.orchestrator.service import Orchestrator
-    log.setup()
+    _setup_logging()
     ctx = _context(state, None, daemon="orchestrator", need_key=True)
     _run("orchestrator", ctx, [Orchestrator(ctx)])
 
@@ -62,7 +66,7 @@ def orchestrator(state: State) -> None:
 def web(state: State, bind: str, port: int) -> None:
     """Run the web front end and JSON API."""
     from deploybus.frontend.server import WebServer
-    log.setup()
+    _setup_logging()
     ctx = _context(state, None, daemon="web", need_key=True)
     _run("web", ctx, [WebServer(ctx, bind=bind, port=port)])
 
@@ -75,7 +79,7 @@ def web(state: State, bind: str, port: int) -> None:
 def up(port: int, bind: str, data: str) -> None:
     """Everything in one process on the in-process bus, with a sample project."""
     from deploybus import allinone
-    log.setup()
+    _setup_logging()
     sys.exit(allinone.run(Path(data), bind=bind, port=port))
 
 

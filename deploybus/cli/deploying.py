@@ -3,7 +3,6 @@ history, hosts, locks and the audit trail."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import socket
 import sys
@@ -18,12 +17,18 @@ from deploybus import envelope, topics
 from deploybus.cli.base import State, cli, pass_state
 from deploybus.config import Config
 from deploybus.errors import BusError, DeployBusError
-from deploybus.runner import (
+from deploybus.exits import (
     EXIT_FAILURE,
     EXIT_REFUSED,
     EXIT_TEMPFAIL,
     EXIT_UNAVAILABLE,
 )
+
+
+def _login() -> str:
+    import getpass  # not at import: every daemon loads this module with the CLI
+    return getpass.getuser()
+
 
 #: How long a deploy.rollout may wait for the orchestrator before it expires.
 ROLLOUT_TTL = 3600
@@ -37,16 +42,16 @@ def print_event(env: envelope.Envelope) -> None:
     b = env.body
     host = b.get("host")
     if env.type == "deploy.progress":
-        click.echo(f"[{host}] {b.get('step')}: {b.get('message')}")
-        for line in b.get("lines") or []:
-            click.echo(f"[{host}]   | {line}")
-    elif env.type == "deploy.result":
-        tail = f" release {b.get('release')}" if b.get("status") == "succeeded" \
-            else f": {b.get('reason')}"
-        click.echo(f"[{host}] {b.get('status')}{tail}")
+        for e in envelope.progress_entries(b):
+            click.echo(f"[{host}] {e.get('step')}: {e.get('message')}")
+            for line in e.get("lines") or []:
+                click.echo(f"[{host}]   | {line}")
     elif env.type == "deploy.rollout.status":
-        if b.get("done"):
-            click.echo(f"rollout: {b.get('done')}/{b.get('total')} hosts done")
+        if host and b.get("host_state"):
+            state = b.get("host_state")
+            tail = f" release {b.get('release')}" if state == "succeeded" and b.get("release") \
+                else f": {b.get('reason')}" if b.get("reason") else ""
+            click.echo(f"[{host}] {state}{tail} ({b.get('done')}/{b.get('total')} done)")
         elif b.get("control_refused"):
             click.echo(f"rollout {b.get('rollout')}: {b.get('control')} refused: "
                        f"{b.get('control_refused')}")
@@ -58,10 +63,15 @@ def print_event(env: envelope.Envelope) -> None:
 
 
 def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
-           summary: str) -> None:
-    """Publish a signed ``deploy.rollout``; with ``wait`` follow it and exit with its outcome."""
+           summary: str, verbose: bool = False) -> None:
+    """Publish a signed ``deploy.rollout``; with ``wait`` follow it and exit with its outcome.
+
+    Following reads the orchestrator's ``deploy.status`` (a line per host as
+    it settles, and the rollout's states); ``verbose`` adds every host's
+    progress lines from ``deploy.events``.
+    """
     from deploybus.bus import connect
-    from deploybus.store import FINAL_STATES
+    from deploybus.states import FINAL_STATES
 
     key = cfg.load_signing_key()
     rollout = body["rollout"]
@@ -83,16 +93,22 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
                     click.echo(f"ignoring unverified status message: {exc}", err=True)
                     d.ack()
                     return
-            print_event(env)
-            if env.type == "deploy.rollout.status" and env.body.get("state") in FINAL_STATES:
-                final.update(env.body)
-                finished.set()
+                if env.body.get("state") in FINAL_STATES:
+                    final.update(env.body)
+                    finished.set()
+            if env.type != "deploy.result":  # the status line of the host says it
+                try:
+                    print_event(env)
+                except DeployBusError as exc:
+                    click.echo(f"ignoring malformed {env.type}: {exc}", err=True)
         d.ack()
 
     bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")
     try:
         if wait:
-            bus.subscribe(topics.EVENTS, on_event)
+            bus.subscribe(topics.STATUS, on_event)
+            if verbose:
+                bus.subscribe(topics.EVENTS, on_event)
         env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
                            correlation=rollout, ttl=ROLLOUT_TTL)
         bus.publish(topics.ROLLOUTS, key.sign(env).encode())
@@ -106,7 +122,10 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
         click.echo(f"deploybus: bus unavailable: {exc}", err=True)
         sys.exit(EXIT_UNAVAILABLE)
     finally:
-        bus.close()
+        # About to exit: do not wait for the consumer to notice (up to its
+        # drain timeout); the broker drops its exclusive queue with the
+        # connection.
+        bus.close(timeout=0)
     sys.exit(EXIT_FOR_STATE.get(final.get("state", ""), EXIT_FAILURE))
 
 
@@ -144,6 +163,8 @@ common = [
     click.option("--hosts", default=None, help="Comma-separated subset of the environment."),
     click.option("--user", default=None, help="Who asks (default: your login name)."),
     click.option("--wait/--no-wait", default=False, help="Follow progress until the end."),
+    click.option("--verbose", "-v", is_flag=True,
+                 help="With --wait, also print every host's progress and script output."),
     click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits."),
     click.option("--override", default=None, metavar="REASON",
                  help="Deploy outside the environment's windows; the reason is audited."),
@@ -175,7 +196,7 @@ def rollout_body(state: State, project: str, environment: str, o: dict[str, Any]
                 "max_failures": o["max_failures"], "auto_rollback": o["auto_rollback"],
                 "stuck": o["stuck"]}
     return {"rollout": uuid.uuid4().hex[:16], "project": project, "environment": environment,
-            "hosts": host_list(o["hosts"]), "user": o["user"] or getpass.getuser(),
+            "hosts": host_list(o["hosts"]), "user": o["user"] or _login(),
             "strategy": {k: v for k, v in strategy.items() if v is not None},
             "override": o["override"]}
 
@@ -200,7 +221,7 @@ def deploy(state: State, project: str, ref: str, environment: str, **o: Any) -> 
         raise click.BadParameter(str(exc), param_hint="REF") from None
     body = rollout_body(state, project, environment, o) | {"ref": ref, "action": "deploy"}
     hosts = f" ({', '.join(body['hosts'])})" if body["hosts"] else ""
-    submit(state.config, body, wait=o["wait"], timeout=o["timeout"],
+    submit(state.config, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
            summary=f"{project} {ref} -> {environment}{hosts}")
 
 
@@ -215,7 +236,7 @@ def rollback(state: State, project: str, environment: str, release: str | None,
     """Switch PROJECT on ENV back to the previous good release (or --to RELEASE)."""
     body = rollout_body(state, project, environment, o) | {"action": "rollback",
                                                            "release": release}
-    submit(state.config, body, wait=o["wait"], timeout=o["timeout"],
+    submit(state.config, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
            summary=f"rollback {project} on {environment} to {release or 'previous release'}")
 
 
@@ -224,7 +245,7 @@ def control(state: State, rollout: str, action: str, user: str | None) -> None:
     cfg = state.config
     key = cfg.load_signing_key()
     env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
-                                          "user": user or getpass.getuser()},
+                                          "user": user or _login()},
                        sender=f"cli@{socket.gethostname()}", correlation=rollout, ttl=600)
     try:
         with connect(cfg.bus_url, client_name=f"cli-{action}") as bus:
@@ -297,7 +318,7 @@ def lock(state: State, project: str, environment: str, reason: str, ttl: str,
     from deploybus.store import Store
     check_target(state.config, project, environment)
     seconds = parse_duration(ttl)
-    who = user or getpass.getuser()
+    who = user or _login()
     store = Store(state.config.state_url)
     held = store.acquire_lock(project=project, environment=environment, owner=who,
                               reason=reason, ttl=seconds)
@@ -327,7 +348,7 @@ def unlock(state: State, project: str, environment: str, user: str | None) -> No
         click.echo(f"locked by running rollout {held['rollout']}: abort it instead", err=True)
         sys.exit(EXIT_REFUSED)
     store.release_lock(project, environment)
-    store.audit(actor=user or getpass.getuser(), action="unlock", project=project,
+    store.audit(actor=user or _login(), action="unlock", project=project,
                 environment=environment, was=held)
     click.echo(f"unlocked {project}/{environment}")
 
