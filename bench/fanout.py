@@ -268,7 +268,24 @@ class Timed:
 
 # -- 1. deploybus -----------------------------------------------------------------------
 
+def compile_project() -> None:
+    """Byte-compile the project's own modules, as installing a package does
+    (dpkg, pip): with PYTHONDONTWRITEBYTECODE set, as it is on some machines,
+    an editable checkout would otherwise be compiled from source by every
+    process the bench starts, and every CLI start would pay for it."""
+    import compileall
+    root = BENCH.parent
+    for d in ("deploybus", "daemons", "frontend"):
+        compileall.compile_dir(str(root / d), quiet=1)
+
+
+#: ``--exe``: another deploybus command to bench (a wrapper that profiles it, say).
+EXE_OVERRIDE: list[str] = []
+
+
 def deploybus_exe() -> list[str]:
+    if EXE_OVERRIDE:
+        return list(EXE_OVERRIDE)
     exe = Path(sys.executable).parent / "deploybus"
     if exe.exists():
         return [str(exe)]
@@ -302,6 +319,7 @@ class Deploybus:
 
     def setup(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        compile_project()
         help_text = run([*self.exe, "deploy", "--help"]).stdout
         self.has_window = "--window" in help_text
         run([*self.exe, "keys", "generate", "bench", "--dir", str(self.work / "keys")])
@@ -734,12 +752,17 @@ def main() -> int:
                          "after another, 0: all hosts at once); the last is the headline")
     ap.add_argument("--canary", default="1:25%", metavar="N:BATCH",
                     help="also measure canary-then-batches (default 1:25%%; '' to skip)")
+    ap.add_argument("--exe", default=None,
+                    help="the deploybus command to bench (default: the one beside this "
+                         "Python); e.g. a wrapper that runs it under a profiler")
     ap.add_argument("--floor-procs", type=int, default=os.cpu_count() or 2,
                     help="xargs -P for the floor (default: nproc)")
     ap.add_argument("--workdir", default=None, help="parent of the temp dir (default $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, hosts)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result here")
     args = ap.parse_args()
+    if args.exe:
+        EXE_OVERRIDE[:] = [args.exe]
     n = args.hosts
     if n < 1:
         ap.error("--hosts must be >= 1")
@@ -814,6 +837,10 @@ def main() -> int:
         for i in range(runs):
             for m in methods:
                 tag = source.new_tag(m.key)
+                # Write back what the previous run left dirty (about 2 MB per
+                # host) before timing this one, so that no method pays for
+                # another's disk writes.
+                os.sync()
                 t = m.deploy(tag, bystanders)
                 check_hosts(m.runner.roots(), tag)
                 m.record(t)
@@ -863,12 +890,21 @@ def main() -> int:
     vs_ansible, vs_floor = ratio(dbs, an), ratio(dbs, fl)
     if head is not None:
         print(f"headline: {head.label}")
+    def verdict(value: float, *limits: tuple[str, float]) -> str:
+        return ", ".join(f"{name} <= {limit:.2f}: {'met' if value <= limit else 'NOT met'}"
+                         for name, limit in limits)
+
+    # The targets are for N=50 (issue 2, then the stricter issue 3).
     if vs_ansible is not None:
-        print(f"  deploybus / ansible = {vs_ansible:.2f}  (target at N=50: <= 0.20, "
-              f"i.e. 5x faster) -> {'met' if vs_ansible <= 0.2 else 'NOT met'}")
+        print(f"  deploybus / ansible = {vs_ansible:.2f}  (targets at N=50: "
+              f"{verdict(vs_ansible, ('issue 2', 0.2), ('issue 3', 0.125))})")
     if vs_floor is not None:
-        print(f"  deploybus / floor   = {vs_floor:.2f}  (target at N=50: <= 1.50) -> "
-              f"{'met' if vs_floor <= 1.5 else 'NOT met'}")
+        print(f"  deploybus / floor   = {vs_floor:.2f}  (targets at N=50: "
+              f"{verdict(vs_floor, ('issue 2', 1.5), ('issue 3', 1.3))})")
+        if head is not None and "cpu_s" in results.get("floor", {}):
+            cpu_ratio = results[head.key]["cpu_s"] / max(results["floor"]["cpu_s"], 1e-9)
+            print(f"  deploybus CPU / floor CPU = {cpu_ratio:.2f}  (target at N=50: "
+                  f"{verdict(cpu_ratio, ('issue 3', 1.5))})")
     print("\nnotes:")
     print("  - each method first did one untimed deploy that cloned the per-host mirrors; "
           "each timed run deployed a new tag on a new commit (every host fetches); runs "

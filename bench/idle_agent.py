@@ -7,6 +7,13 @@ Python interpreter doing nothing (the floor), side by side.
 Issue 3 asks for an idle agent under 40 MB resident with no busy polling (CPU
 over 10 idle minutes near zero). The agent is connected to the broker and
 subscribed; nothing is sent to it. Last line: one JSON object.
+
+The agent runs from ``bench/.venv-agent``, made on first use with
+``pip install .`` (the runtime dependencies only, as on a server) and
+refreshed when the project's files are newer: the project's own ``.venv``
+also holds the test tools, and some of them are picked up at import
+(structlog loads greenlet, which Playwright brings, when it is installed).
+``--exe`` measures another ``deploybus`` instead (e.g. ``.venv/bin/deploybus``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,29 @@ sys.path.insert(0, str(BENCH))
 import fanout as fo  # noqa: E402 - the shared bench helpers
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+AGENT_VENV = BENCH / ".venv-agent"
+PROJECT_DIR = BENCH.parent
+
+
+def runtime_deploybus() -> list[str]:
+    """``deploybus`` from a venv with the runtime dependencies only; installed or
+    updated when any project source file is newer than the install."""
+    exe = AGENT_VENV / "bin" / "deploybus"
+    stamp = AGENT_VENV / ".installed"
+    sources = [p for d in ("deploybus", "daemons", "frontend") for p in
+               (PROJECT_DIR / d).rglob("*.py")] + [PROJECT_DIR / "setup.cfg"]
+    newest = max(p.stat().st_mtime for p in sources)
+    if not exe.exists() or not stamp.exists() or stamp.stat().st_mtime < newest:
+        print(f"  installing deploybus into {AGENT_VENV} (runtime dependencies only)...",
+              flush=True)
+        pip = str(AGENT_VENV / "bin" / "pip")
+        if not exe.exists():
+            fo.run(["python3", "-m", "venv", str(AGENT_VENV)])
+            fo.run([pip, "install", "-q", str(PROJECT_DIR)])
+        else:  # the dependencies are there: only the project's own code changed
+            fo.run([pip, "install", "-q", "--force-reinstall", "--no-deps", str(PROJECT_DIR)])
+        stamp.touch()
+    return [str(exe)]
 
 
 def rss_mb(pid: int) -> float:
@@ -46,11 +76,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--broker", default=fo.DEFAULT_BROKER)
+    ap.add_argument("--exe", default=None, help="deploybus to measure "
+                    "(default: bench/.venv-agent, runtime dependencies only)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deploybus-idle-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        exe = fo.deploybus_exe()
+        exe = [args.exe] if args.exe else runtime_deploybus()
         fo.run([*exe, "keys", "generate", "idle", "--dir", str(work / "keys")])
         prefix = f"idle{uuid.uuid4().hex[:8]}."
         cfg = work / "deploybus.yaml"
@@ -66,7 +98,9 @@ def main() -> int:
             agent = subprocess.Popen([*exe, "-c", str(cfg), "agent", "--host", "h1"],
                                      stdout=out, stderr=subprocess.STDOUT)
         procs.append(agent)
-        floor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e9)"])
+        python = Path(exe[0]).parent / "python"
+        floor = subprocess.Popen([str(python) if python.exists() else sys.executable, "-c",
+                                  "import time; time.sleep(1e9)"])
         procs.append(floor)
         deadline = time.monotonic() + 60
         while '"event": "ready"' not in log.read_text(errors="replace"):
