@@ -5,7 +5,10 @@ Inside a phase at most ``window`` hosts are in flight. A host counts as
 failed when it reports failure or refusal, when it was seen alive before but
 its heartbeats stopped (offline: it is reported, not waited on), when it
 shows no progress for ``stuck`` seconds, or when it does not answer within
-the environment's ``request_timeout``. Once more than ``max_failures`` hosts
+the environment's ``request_timeout``. Time the orchestrator spends cut off
+from the broker does not count against a host: answer and stuck deadlines
+move back by the outage, and a host is judged offline only on silence the
+orchestrator was connected to hear. Once more than ``max_failures`` hosts
 have failed no new host is started; hosts still in flight are waited for,
 the rest are marked skipped, and with ``auto_rollback`` the hosts this
 rollout switched are switched back to the release they had.
@@ -50,6 +53,7 @@ class RolloutRun:
                  request_timeout: float, haproxy: HAProxy | None = None) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
         self._settled: set[str] = set()
+        self._downtime = orch.ctx.bus.links.downtime()
         self.id: str = record["id"]
         self.project: str = record["project"]
         self.environment: str = record["environment"]
@@ -95,10 +99,29 @@ class RolloutRun:
         h = self.store.host(host)
         if h is None:
             return None  # never seen: ask anyway; the request expires if nobody takes it
-        interval = h["info"].get("interval", 10) or 10
-        if h["age"] > interval * OFFLINE_AFTER_BEATS:
+        limit = (h["info"].get("interval", 10) or 10) * OFFLINE_AFTER_BEATS
+        if h["age"] <= limit:
+            return None
+        # An old heartbeat only means something if we were listening: after a
+        # broker outage (or our own start) give the host `limit` seconds of
+        # connected time to be heard before calling it offline.
+        links = self.orch.ctx.bus.links
+        while links.up_for() < limit:
+            self._wait(lambda: False, max(0.2, limit - links.up_for()))
+            h = self.store.host(host) or h
+        if h["age"] > limit:
             return f"host offline: last heartbeat {h['age']:.0f}s ago"
         return None
+
+    def _credit_outage(self, deadlines: dict[str, float], rollout: str) -> None:
+        """Move ``deadlines`` (and the hosts' stuck clocks) back by the time the
+        bus has been down since the last call: no answer can arrive then."""
+        down = self.orch.ctx.bus.links.downtime()
+        lag, self._downtime = down - self._downtime, down
+        if lag > 0:
+            for host in deadlines:
+                deadlines[host] += lag
+            self.orch.postpone(rollout, deadlines, lag)
 
     def _request(self, host: str, *, rollout: str, action: str, release: str | None,
                  ttl: float) -> None:
@@ -218,6 +241,7 @@ class RolloutRun:
             if starting:
                 self._request_many(starting, rollout=self.id, action=self.action,
                                    release=self.target_release, ttl=self.request_timeout)
+            self._credit_outage(inflight, self.id)
             for host in starting:
                 inflight[host] = time.monotonic() + self.request_timeout
             if not inflight:
@@ -230,6 +254,7 @@ class RolloutRun:
             self._wait(lambda: any(self.orch.has_result(self.id, h) for h in inflight),
                        max(0.05, min(self._deadline(h, d) for h, d in inflight.items())
                            - time.monotonic()))
+            self._credit_outage(inflight, self.id)
             now = time.monotonic()
             for host in list(inflight):
                 result = self.orch.take_result(self.id, host)
@@ -310,11 +335,13 @@ class RolloutRun:
                 continue
             self._request(host, rollout=rb, action="rollback",
                           release=st["previous_release"], ttl=ROLLBACK_TIMEOUT)
-        deadline = time.monotonic() + ROLLBACK_TIMEOUT
+        self._credit_outage({}, rb)
+        deadlines = {"": time.monotonic() + ROLLBACK_TIMEOUT}
         waiting = [h for h in targets if h not in outcome]
-        while waiting and time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadlines[""]:
             self._wait(lambda: any(self.orch.has_result(rb, h) for h in waiting),
-                       deadline - time.monotonic())
+                       deadlines[""] - time.monotonic())
+            self._credit_outage(deadlines, rb)
             for host in list(waiting):
                 res = self.orch.take_result(rb, host)
                 if res is not None:

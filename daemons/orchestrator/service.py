@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from deploybus import envelope, topics
@@ -154,6 +155,14 @@ class Orchestrator(Service):
                 self._expected.discard((rollout, host))
                 self._progress.pop((rollout, host), None)
             return result
+
+    def postpone(self, rollout: str, hosts: Iterable[str], by: float) -> None:
+        """Move the stuck clocks of ``hosts`` back by ``by`` seconds (an outage)."""
+        with self.cond:
+            for host in hosts:
+                key = (rollout, host)
+                if key in self._progress:
+                    self._progress[key] += by
 
     def last_progress(self, rollout: str, host: str) -> float:
         return self._progress.get((rollout, host), time.monotonic())

@@ -28,6 +28,7 @@ from deploybus.bus.base import (
     Backoff,
     Delivery,
     Handler,
+    LinkClock,
     Subscription,
     Transport,
     check_topic,
@@ -52,6 +53,7 @@ class _Sub(Subscription):
         self.prefetch = max(1, prefetch)
         self.stop = threading.Event()
         self.ready = threading.Event()
+        t.links.down(self)  # until it consumes
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"amqp-sub-{queue or topic}")
         self.thread.start()
@@ -80,6 +82,7 @@ class _Sub(Subscription):
                 with consumer:
                     backoff.reset()
                     self.ready.set()
+                    self.t.links.up(self)
                     while not self.stop.is_set():
                         try:
                             conn.drain_events(timeout=DRAIN_TIMEOUT)
@@ -89,6 +92,7 @@ class _Sub(Subscription):
                 self.ready.clear()
                 if self.stop.is_set():
                     break
+                self.t.links.down(self)
                 log.warning("amqp consumer lost its connection; reconnecting", topic=self.topic,
                             queue=self.queue, error=str(exc) or type(exc).__name__,
                             retry_in=round(backoff.delay, 2))
@@ -127,6 +131,7 @@ class _Sub(Subscription):
 
     def cancel(self, timeout: float = 5.0) -> None:
         self.stop.set()
+        self.t.links.up(self)  # a cancelled consumer is not a link that is down
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout=timeout)
 
@@ -152,6 +157,8 @@ class AmqpTransport(Transport):
         self._producer: kombu.Producer | None = None
         self._tx: tuple[kombu.Connection, Any] | None = None
         self._subs: list[_Sub] = []
+        # The consumers' connections: the ones a lost answer would come over.
+        self.links = LinkClock()
 
     def _connection(self, *, heartbeat: int = 0) -> kombu.Connection:
         return kombu.Connection(self.broker_url, heartbeat=heartbeat, connect_timeout=5,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -81,11 +82,60 @@ class Subscription(abc.ABC):
         in progress to return. Unacked messages go back to the broker."""
 
 
+class LinkClock:
+    """When a transport's broker links were down, so that a caller does not
+    count a broker outage against the hosts on the far side of it.
+
+    A transport calls :meth:`down` when a link (its connection, or one
+    consumer's) drops or is not up yet, and :meth:`up` once it carries
+    messages again. The transport counts as down while any link is down.
+    The orchestrator uses :meth:`downtime` to push back its answer deadlines
+    and :meth:`up_for` to judge a host offline only on silence it was
+    listening to.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down: set[object] = set()
+        self._since = time.monotonic()  # when the current up or down period began
+        self._total = 0.0
+
+    def down(self, link: object) -> None:
+        with self._lock:
+            if not self._down:
+                self._since = time.monotonic()
+            self._down.add(link)
+
+    def up(self, link: object) -> None:
+        with self._lock:
+            if link not in self._down:
+                return
+            self._down.discard(link)
+            if not self._down:
+                now = time.monotonic()
+                self._total += now - self._since
+                self._since = now
+
+    def downtime(self) -> float:
+        """Seconds spent down so far, counting an outage still going on."""
+        with self._lock:
+            return self._total + (time.monotonic() - self._since if self._down else 0.0)
+
+    def up_for(self) -> float:
+        """Seconds since every link was last up together (0 while one is down)."""
+        with self._lock:
+            return 0.0 if self._down else time.monotonic() - self._since
+
+
 class Transport(abc.ABC):
     """Publish, subscribe, declare, close. Implementations translate driver
     errors into :class:`deploybus.errors.BusError` at this boundary."""
 
     url: str
+
+    #: Up and down times of the broker links (see :class:`LinkClock`); a
+    #: transport without a broker (the memory bus) is always up.
+    links: LinkClock
 
     @abc.abstractmethod
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:

@@ -25,6 +25,7 @@ from deploybus.bus.base import (
     DEFAULT_PREFETCH,
     Delivery,
     Handler,
+    LinkClock,
     Subscription,
     Transport,
     check_topic,
@@ -157,6 +158,7 @@ class MemoryTransport(Transport):
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
+        self.links = LinkClock()
         self.broker = MemoryBroker.named(urlsplit(url).netloc or "default")
         self.subs: list[_MemorySubscription] = []
 

@@ -41,6 +41,7 @@ from deploybus.bus.base import (
     Backoff,
     Delivery,
     Handler,
+    LinkClock,
     Subscription,
     Transport,
     check_topic,
@@ -172,6 +173,8 @@ class StompTransport(Transport):
         self.heartbeat = int(q.get("heartbeat", "10000"))
         self.use_ssl = parts.scheme == "stomp+ssl"
         self.client_name = client_name
+        self.links = LinkClock()
+        self.links.down(self)  # until the first CONNECTED
         self._lock = threading.RLock()
         self._conn: stomp.Connection12 | None = None
         self._gen = 0
@@ -242,6 +245,7 @@ class StompTransport(Transport):
             if gen != self._gen:
                 raise BusConnectionError("connection lost while subscribing")
             self._connected.set()
+        self.links.up(self)
         log.info("stomp connected", host=self.host, port=self.port, server=self._server,
                  subscriptions=len(self._subs))
 
@@ -252,6 +256,7 @@ class StompTransport(Transport):
             self._gen += 1  # acks of the dead connection are now skipped
             conn, self._conn = self._conn, None
             self._connected.clear()
+        self.links.down(self)
         log.warning("stomp connection lost", host=self.host, port=self.port)
         if conn is not None:
             threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()

@@ -61,8 +61,10 @@ class Daemon:
 
 class Cluster:
     def __init__(self, base: Path, bus_url: str, hosts: list[str], *,
-                 env_extra: str = "", app_scripts: dict[str, str] | None = None) -> None:
+                 env_extra: str = "", app_scripts: dict[str, str] | None = None,
+                 request_timeout: float = 60) -> None:
         self.base, self.bus_url, self.hosts = base, bus_url, hosts
+        self.request_timeout = request_timeout
         self.env_extra = env_extra
         self.app_scripts = app_scripts or {
             "pre": 'echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"',
@@ -118,7 +120,7 @@ hosts:
 environments:
   prod:
     hosts: [{", ".join(self.hosts)}]
-    request_timeout: 60
+    request_timeout: {self.request_timeout}
 {self.env_extra}""")
         out = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
                               "hook", "install", str(self.bare), "--project", "app"],

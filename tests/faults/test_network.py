@@ -83,3 +83,33 @@ def test_link_cut_during_a_deploy_applies_it_once(proxied) -> None:  # noqa: ANN
     assert len(releases) == 2, releases
     time.sleep(2)
     assert len(accepted(c)) == 2, "a redelivery ran the deploy again"
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_link_clock_counts_the_outage(request: pytest.FixtureRequest, kind: str) -> None:
+    """The transport's LinkClock (what the orchestrator credits back to hosts)
+    goes down when its link dies, counts the time, and is up again after."""
+    from deploybus.bus import connect
+
+    host, port, hb = PATHS[kind]
+    url = broker_url(kind, request, f"l{uuid.uuid4().hex[:10]}")
+    proxy = FaultProxy((host, port))
+    via = url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+    via += ("&" if "?" in via else "?") + hb
+    bus = connect(via, client_name="link-clock")
+    try:
+        bus.subscribe("test.links", lambda d: d.ack(), queue=f"links-{uuid.uuid4().hex[:8]}")
+        assert wait_for(lambda: bus.links.up_for() > 0.2, 30), "never came up"
+        assert bus.links.downtime() < 30
+        base = bus.links.downtime()
+        proxy.blackhole = True
+        proxy.cut()
+        assert wait_for(lambda: bus.links.up_for() == 0.0, 30), "the outage went unnoticed"
+        time.sleep(3)
+        assert bus.links.downtime() - base >= 3, "an outage in progress must count"
+        proxy.blackhole = False
+        assert wait_for(lambda: bus.links.up_for() > 0.2, 40), "did not come back up"
+        assert bus.links.downtime() - base >= 3
+    finally:
+        bus.close(timeout=1)
+        proxy.close()
