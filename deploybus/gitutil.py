@@ -8,15 +8,21 @@ never fetch into the same mirror at once.
 Every operation is one ``git`` command run directly. GitPython was used here
 first; its ``Repo()`` reads the repository's config in Python each time it
 is made, which cost more CPU per deploy than the git commands themselves
-(docs/performance.md), and kept 12 MB resident in every agent.
+(docs/performance.md), and kept 12 MB resident in every agent. Resolving a
+ref, which a deploy does twice when it has to fetch, goes to a ``git
+cat-file --batch-check`` kept running per mirror: a line on a pipe rather
+than a new process.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import select
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +32,10 @@ from deploybus.refs import check_ref
 
 #: A fetch or clone that takes longer than this (seconds) is killed and fails.
 FETCH_TIMEOUT = 600.0
+
+#: A ref lookup that takes longer than this (seconds) fails, and its
+#: ``git cat-file`` is replaced.
+RESOLVE_TIMEOUT = 30.0
 
 
 def no_prompts() -> None:
@@ -71,6 +81,7 @@ def update_mirror(state_dir: Path, project: str, url: str, *,
                    "origin", "+refs/heads/*:refs/heads/*"]
         else:
             cmd = ["clone", "--quiet", "--mirror", "--no-hardlinks", "--", url, str(path)]
+            _forget_resolver(path)  # a resolver left on an older mirror at this path
         try:
             r = _git(*cmd, timeout=FETCH_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -87,11 +98,121 @@ def resolve(mirror: Path, ref: str) -> str:
     check_ref(ref)
     if not (mirror / "HEAD").is_file():
         raise RefError(f"no mirror at {mirror}")
-    r = _git("--git-dir", str(mirror), "rev-parse", "--verify", "--quiet", "--end-of-options",
-             f"{ref}^{{commit}}")
-    if r.returncode != 0:
+    with _resolvers_lock:
+        resolver = _resolvers.get(mirror)
+        if resolver is None:
+            resolver = _resolvers[mirror] = _Resolver(mirror)
+    commit = resolver.lookup(f"{ref}^{{commit}}")
+    if commit is None:
         raise RefError(f"ref {ref!r} not found")
-    return r.stdout.strip()
+    return commit
+
+
+class _Resolver:
+    """One ``git cat-file --batch-check`` on one mirror, started on first use
+    and again whenever it has died or the mirror directory was replaced.
+
+    It sees what fetches add: git reads a loose ref from its file on every
+    lookup, re-reads ``packed-refs`` when the file changed, and rescans the
+    packs when an object is not found. Names come on stdin, so a ref can
+    never be taken for an option (refs are checked by :func:`check_ref`
+    first anyway)."""
+
+    def __init__(self, mirror: Path) -> None:
+        self.mirror = mirror
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ident: tuple[int, int] | None = None
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.mirror)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def lookup(self, name: str) -> str | None:
+        """The object id ``name`` resolves to, or None if it resolves to none."""
+        with self.lock:
+            ident = self._identity()
+            if self.proc is None or self.proc.poll() is not None or ident != self.ident:
+                self._stop()
+                try:
+                    self.proc = subprocess.Popen(
+                        ["git", "--git-dir", str(self.mirror), "cat-file", "--batch-check"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, bufsize=0)
+                except OSError as exc:
+                    raise DeployError(f"cannot run git cat-file: {exc}") from None
+                self.ident = ident
+            try:
+                line = self._ask(name)
+            except (OSError, DeployError):
+                self._stop()
+                raise
+        # "<id> <type> <size>", or "<name> missing" / "<name> ambiguous"
+        fields = line.split()
+        if len(fields) == 3 and fields[1] == "commit":
+            return fields[0]
+        return None
+
+    def _ask(self, name: str) -> str:
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(name.encode() + b"\n")
+        except BrokenPipeError:
+            raise DeployError("git cat-file ended unexpectedly") from None
+        out = proc.stdout.fileno()
+        data = b""
+        deadline = time.monotonic() + RESOLVE_TIMEOUT
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([out], [], [], left)[0]:
+                raise DeployError(f"git cat-file gave no answer within {RESOLVE_TIMEOUT:.0f}s")
+            chunk = os.read(out, 4096)
+            if not chunk:
+                raise DeployError("git cat-file ended unexpectedly")
+            data += chunk
+        return data.decode(errors="replace")
+
+    def _stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()  # cat-file ends at end of input
+            proc.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._stop()
+
+
+_resolvers: dict[Path, _Resolver] = {}
+_resolvers_lock = threading.Lock()
+
+
+def _forget_resolver(mirror: Path) -> None:
+    with _resolvers_lock:
+        resolver = _resolvers.pop(mirror, None)
+    if resolver is not None:
+        resolver.close()
+
+
+def close_resolvers() -> None:
+    """Stop every ``git cat-file`` this process keeps (at shutdown)."""
+    with _resolvers_lock:
+        resolvers = list(_resolvers.values())
+        _resolvers.clear()
+    for resolver in resolvers:
+        resolver.close()
 
 
 def export(mirror: Path, commit: str, dest: Path,

@@ -92,8 +92,10 @@ class _JournalTracker(steps.Tracker):
 
     def script(self, pgid: int | None, start: int | None) -> None:
         if pgid is None:
-            if self.entry.pop("script", None) is not None:
-                self.journal.write(self.rollout, self.entry, sync=False)
+            # Forgotten with the next write, not written now: a record left
+            # behind is harmless, since recovery kills a group only while
+            # it is still the one recorded (leader's start time).
+            self.entry.pop("script", None)
         else:
             self.entry["script"] = {"pgid": pgid, "start": start}
             self.journal.write(self.rollout, self.entry, sync=False)
@@ -180,6 +182,7 @@ class DeployAgent(Service):
                              projects=still)
         self._outbox.put(None)
         self._publisher.join(max(1.0, deadline - time.monotonic()))
+        gitutil.close_resolvers()
 
     def healthy(self) -> bool:
         return self._publisher.is_alive()
