@@ -186,14 +186,27 @@ def check_hosts(roots: list[Path], tag: str) -> None:
 # -- CPU accounting ---------------------------------------------------------------------
 
 def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime+stime, cutime+cstime) of ``pid`` in seconds: its own CPU and that of its
-    waited-for children; (0, 0) if it is gone."""
+    """(own, children) CPU seconds of ``pid``: its utime+stime, and that of its
+    children, both those it has waited for (cutime+cstime) and those still
+    running (an agent keeps a ``git cat-file`` per mirror: its CPU must count
+    before the agent reaps it). (0, 0) if it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0, 0.0
     f = [int(x) for x in text[text.rindex(")") + 2:].split()[11:15]]
-    return (f[0] + f[1]) / CLK_TCK, (f[2] + f[3]) / CLK_TCK
+    live = 0.0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        live += sum(proc_cpu(int(k)) for k in kids)
+    return (f[0] + f[1]) / CLK_TCK, (f[2] + f[3]) / CLK_TCK + live
 
 
 def proc_cpu(pid: int) -> float:

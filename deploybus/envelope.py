@@ -166,8 +166,9 @@ def decode(raw: bytes) -> Envelope:
 def progress_entries(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The entries of a ``deploy.progress`` body: ``{step, message, lines, at}``
     each; an agent sends the progress of one deploy that comes close together
-    as one message. EnvelopeError if the body has no list of entries."""
+    as one message, and a ``deploy.result`` may carry the last ones.
+    EnvelopeError if the body has no list of entries."""
     entries = body.get("entries")
     if not isinstance(entries, list):
-        raise EnvelopeError("deploy.progress without a list of entries")
+        raise EnvelopeError("progress without a list of entries")
     return [e for e in entries if isinstance(e, dict)]

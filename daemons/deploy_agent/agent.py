@@ -217,9 +217,10 @@ class DeployAgent(Service):
         """The outbox: progress and results in order; results retried until sent.
 
         Progress lines of one rollout that come within PROGRESS_LINGER of each
-        other go out as one message (up to PROGRESS_BATCH lines): a deploy
-        sends a few messages rather than one per step, which is what the
-        broker, the orchestrator and every watcher pay for."""
+        other go out as one message (up to PROGRESS_BATCH lines), and the
+        last ones ride on the rollout's result when it follows within that
+        time: a deploy sends a message or two rather than one per step,
+        which is what the broker, the orchestrator and every watcher pay for."""
         carried: deque[Any] = deque()  # taken from the outbox while gathering progress
         while True:
             if carried:
@@ -232,6 +233,7 @@ class DeployAgent(Service):
             try:
                 if item is not None and item[0] == "deploy.progress":
                     item = self._gather(item, carried)
+                if item is not None and item[0] == "deploy.progress":
                     try:
                         self.publish(*item)
                     except BusError as exc:
@@ -250,9 +252,10 @@ class DeployAgent(Service):
     def _gather(self, first: tuple[str, str, dict[str, Any]],
                 carried: deque[Any]) -> tuple[str, str, dict[str, Any]]:
         """``first`` merged with the progress of the same rollout that follows
-        within PROGRESS_LINGER. The first other item taken from the outbox
-        (a result, another rollout's progress, the stop sentinel) goes to
-        ``carried``, to be handled next."""
+        within PROGRESS_LINGER; if that rollout's result comes within the
+        time, the result carrying the entries. The first other item taken
+        from the outbox (another rollout's progress or result, the stop
+        sentinel) goes to ``carried``, to be handled next."""
         entries = list(first[2]["entries"])
         deadline = time.monotonic() + PROGRESS_LINGER
         while len(entries) < PROGRESS_BATCH:
@@ -260,6 +263,8 @@ class DeployAgent(Service):
                 nxt = self._outbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if nxt is not None and nxt[0] == "deploy.result" and nxt[1] == first[1]:
+                return nxt[0], nxt[1], nxt[2] | {"entries": entries}
             if nxt is None or nxt[0] != "deploy.progress" or nxt[1] != first[1]:
                 carried.append(nxt)
                 break

@@ -200,7 +200,9 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             result["commit"] = commit
             release = f"{_stamp(layout)}-{commit[:8]}-{req.rollout[:8]}"
             release_dir = layout.releases / release
-            run.tracker.step("pre", release=release)
+            # In the journal before anything of the release is written: the
+            # pre step's record, or the checkout's when there is no pre script.
+            run.tracker.step("pre" if "pre" in pc.scripts else "checkout", release=release)
             layout.write_info(release, {
                 "commit": commit, "ref": req.ref, "rollout": req.rollout, "user": req.user,
                 "environment": req.environment, "state": "pending", "created": _now()})
@@ -208,8 +210,7 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
                           previous_release=previous, action="deploy")
             if "pre" in pc.scripts:
                 run.script("pre", layout.dir, env)
-
-            run.tracker.step("checkout")
+                run.tracker.step("checkout")
             progress("checkout", f"checking out {commit[:12]} into releases/{release}", None)
             partial = layout.releases / f"{release}.partial"
             try:

@@ -355,10 +355,12 @@ class Orchestrator(Service):
                 if key in self._progress:
                     self._progress[key] = time.monotonic()
                     self.cond.notify_all()
+        if env.type == "deploy.progress" or "entries" in body:
+            # a result may carry the deploy's last progress entries
             self.store.add_logs(rollout.removesuffix(".rb"), host,
                                 [(str(e.get("step", ""))[:32], _log_text(e))
                                  for e in envelope.progress_entries(body)])
-        elif env.type == "deploy.result":
+        if env.type == "deploy.result":
             with self.cond:
                 if key in self._expected:
                     self._results.setdefault(key, body)

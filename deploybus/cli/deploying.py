@@ -41,7 +41,8 @@ EXIT_FOR_STATE = {"succeeded": 0, "failed": EXIT_FAILURE, "aborted": EXIT_FAILUR
 def print_event(env: envelope.Envelope) -> None:
     b = env.body
     host = b.get("host")
-    if env.type == "deploy.progress":
+    if env.type == "deploy.progress" or (env.type == "deploy.result" and "entries" in b):
+        # a result's own outcome is on the host's status line; only its entries here
         for e in envelope.progress_entries(b):
             click.echo(f"[{host}] {e.get('step')}: {e.get('message')}")
             for line in e.get("lines") or []:
@@ -96,11 +97,10 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
                 if env.body.get("state") in FINAL_STATES:
                     final.update(env.body)
                     finished.set()
-            if env.type != "deploy.result":  # the status line of the host says it
-                try:
-                    print_event(env)
-                except DeployBusError as exc:
-                    click.echo(f"ignoring malformed {env.type}: {exc}", err=True)
+            try:
+                print_event(env)
+            except DeployBusError as exc:
+                click.echo(f"ignoring malformed {env.type}: {exc}", err=True)
         d.ack()
 
     bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")

@@ -127,10 +127,12 @@ class Events:
 
     def progress(self, rollout: str) -> list[dict[str, Any]]:
         """Every progress entry of ``rollout``, in order, with the message's
-        common fields (host, project...) merged in."""
+        common fields (host, project...) merged in; the last entries may
+        ride on the result."""
         with self.cond:
             return [{k: v for k, v in e.body.items() if k != "entries"} | entry
-                    for e in self.items if e.type == "deploy.progress"
+                    for e in self.items if (e.type == "deploy.progress" or (
+                        e.type == "deploy.result" and "entries" in e.body))
                     and e.body.get("rollout") == rollout
                     for entry in envelope.progress_entries(e.body)]
 

@@ -64,8 +64,8 @@ def send_request(c: Cluster) -> tuple[str, queue.Queue[envelope.Envelope], objec
 
 
 def in_step(step: str):  # noqa: ANN201
-    """A progress message with an entry of ``step``."""
-    return lambda e: e.type == "deploy.progress" and any(
+    """A progress message (or a result carrying entries) with an entry of ``step``."""
+    return lambda e: "entries" in e.body and any(
         x.get("step") == step for x in envelope.progress_entries(e.body))
 
 
