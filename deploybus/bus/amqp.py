@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import kombu
 import kombu.exceptions
-import structlog
 
 from deploybus.bus.base import (
     DEFAULT_PREFETCH,
@@ -32,10 +31,11 @@ from deploybus.bus.base import (
     Subscription,
     Transport,
     check_topic,
+    get_logger,
 )
 from deploybus.errors import BusConnectionError
 
-log = structlog.get_logger("deploybus.bus.amqp")
+log = get_logger("deploybus.bus.amqp")
 
 #: Seconds a consumer waits for a frame before checking heartbeats and whether
 #: it was cancelled: bounds how long cancel() and close() take.

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 #: How many unacknowledged messages a subscription may hold by default.
 DEFAULT_PREFETCH = 10
@@ -80,6 +81,26 @@ class Subscription(abc.ABC):
     def cancel(self, timeout: float = 5.0) -> None:
         """Stop delivering; wait up to ``timeout`` seconds for a handler call
         in progress to return. Unacked messages go back to the broker."""
+
+
+class _LazyLog:
+    """structlog's logger ``name``, with structlog imported on first use: a
+    command that only publishes (the CLI) does not pay for loading it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._log: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._log is None:
+            import structlog
+            self._log = structlog.get_logger(self._name)
+        return getattr(self._log, attr)
+
+
+def get_logger(name: str) -> Any:
+    """The bus modules' logger (see :class:`_LazyLog`)."""
+    return _LazyLog(name)
 
 
 class LinkClock:

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import structlog
-
 from deploybus.bus.base import (
     DEFAULT_PREFETCH,
     Delivery,
@@ -29,10 +27,11 @@ from deploybus.bus.base import (
     Subscription,
     Transport,
     check_topic,
+    get_logger,
     topic_matches,
 )
 
-log = structlog.get_logger("deploybus.bus.memory")
+log = get_logger("deploybus.bus.memory")
 
 
 @dataclass

@@ -34,7 +34,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import stomp
 import stomp.exception
-import structlog
 
 from deploybus.bus.base import (
     DEFAULT_PREFETCH,
@@ -45,10 +44,11 @@ from deploybus.bus.base import (
     Subscription,
     Transport,
     check_topic,
+    get_logger,
 )
 from deploybus.errors import BusConnectionError, BusError
 
-log = structlog.get_logger("deploybus.bus.stomp")
+log = get_logger("deploybus.bus.stomp")
 
 #: Frame headers the broker sets; not copied when a message is handed back.
 _BROKER_HEADERS = frozenset({"ack", "subscription", "message-id", "destination", "redelivered",
