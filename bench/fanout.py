@@ -4,8 +4,11 @@
     .venv/bin/python bench/fanout.py --hosts N [--runs R]
         [--broker amqp://guest:guest@127.0.0.1:5672//]
 
-1. deploybus: one orchestrator and N agent processes (``deploybus agent
-   --host hI``) on the broker, timed ``deploybus deploy ... --wait``, once per
+1. deploybus, installed as on a server (``bench/.venv-agent``: ``pip install
+   .`` of this checkout, runtime dependencies only, made or refreshed on
+   first use; ``--exe`` benches another command): one orchestrator and N
+   agent processes (``deploybus agent --host hI``) on the broker, timed
+   ``deploybus deploy ... --wait``, once per
    rollout window in ``--windows`` (default ``1,0``: one host after another,
    then all at once), and with ``--canary`` (default ``1:25%``: one canary
    host, then batches of 25%).
@@ -296,13 +299,40 @@ def compile_project() -> None:
 EXE_OVERRIDE: list[str] = []
 
 
+#: A venv with deploybus installed as a server has it (``pip install .``: the
+#: runtime dependencies only, no editable-install import hook, byte-compiled).
+RUNTIME_VENV = Path(__file__).resolve().parent / ".venv-agent"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def runtime_deploybus() -> list[str]:
+    """``deploybus`` from RUNTIME_VENV; installed, or updated when any project
+    source file is newer than the install. The project's own ``.venv`` is an
+    editable install with the test tools: its import hook costs every process
+    about 18 ms at start, and some test tools are picked up at import
+    (structlog loads greenlet, which Playwright brings)."""
+    exe = RUNTIME_VENV / "bin" / "deploybus"
+    stamp = RUNTIME_VENV / ".installed"
+    sources = [p for d in ("deploybus", "daemons", "frontend") for p in
+               (PROJECT_DIR / d).rglob("*.py")] + [PROJECT_DIR / "setup.cfg"]
+    newest = max(p.stat().st_mtime for p in sources)
+    if not exe.exists() or not stamp.exists() or stamp.stat().st_mtime < newest:
+        print(f"  installing deploybus into {RUNTIME_VENV} (runtime dependencies only)...",
+              flush=True)
+        pip = str(RUNTIME_VENV / "bin" / "pip")
+        if not exe.exists():
+            run(["python3", "-m", "venv", str(RUNTIME_VENV)])
+            run([pip, "install", "-q", str(PROJECT_DIR)])
+        else:  # the dependencies are there: only the project's own code changed
+            run([pip, "install", "-q", "--force-reinstall", "--no-deps", str(PROJECT_DIR)])
+        stamp.touch()
+    return [str(exe)]
+
+
 def deploybus_exe() -> list[str]:
     if EXE_OVERRIDE:
         return list(EXE_OVERRIDE)
-    exe = Path(sys.executable).parent / "deploybus"
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-m", "deploybus.cli"]
+    return runtime_deploybus()
 
 
 def with_prefix(url: str, prefix: str) -> str:
@@ -766,8 +796,9 @@ def main() -> int:
     ap.add_argument("--canary", default="1:25%", metavar="N:BATCH",
                     help="also measure canary-then-batches (default 1:25%%; '' to skip)")
     ap.add_argument("--exe", default=None,
-                    help="the deploybus command to bench (default: the one beside this "
-                         "Python); e.g. a wrapper that runs it under a profiler")
+                    help="the deploybus command to bench (default: bench/.venv-agent, "
+                         "installed from this checkout with the runtime dependencies "
+                         "only); e.g. .venv/bin/deploybus, or a wrapper that profiles it")
     ap.add_argument("--floor-procs", type=int, default=os.cpu_count() or 2,
                     help="xargs -P for the floor (default: nproc)")
     ap.add_argument("--workdir", default=None, help="parent of the temp dir (default $TMPDIR)")

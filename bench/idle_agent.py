@@ -35,29 +35,8 @@ sys.path.insert(0, str(BENCH))
 import fanout as fo  # noqa: E402 - the shared bench helpers
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-AGENT_VENV = BENCH / ".venv-agent"
-PROJECT_DIR = BENCH.parent
-
-
-def runtime_deploybus() -> list[str]:
-    """``deploybus`` from a venv with the runtime dependencies only; installed or
-    updated when any project source file is newer than the install."""
-    exe = AGENT_VENV / "bin" / "deploybus"
-    stamp = AGENT_VENV / ".installed"
-    sources = [p for d in ("deploybus", "daemons", "frontend") for p in
-               (PROJECT_DIR / d).rglob("*.py")] + [PROJECT_DIR / "setup.cfg"]
-    newest = max(p.stat().st_mtime for p in sources)
-    if not exe.exists() or not stamp.exists() or stamp.stat().st_mtime < newest:
-        print(f"  installing deploybus into {AGENT_VENV} (runtime dependencies only)...",
-              flush=True)
-        pip = str(AGENT_VENV / "bin" / "pip")
-        if not exe.exists():
-            fo.run(["python3", "-m", "venv", str(AGENT_VENV)])
-            fo.run([pip, "install", "-q", str(PROJECT_DIR)])
-        else:  # the dependencies are there: only the project's own code changed
-            fo.run([pip, "install", "-q", "--force-reinstall", "--no-deps", str(PROJECT_DIR)])
-        stamp.touch()
-    return [str(exe)]
+runtime_deploybus = fo.runtime_deploybus
+AGENT_VENV = fo.RUNTIME_VENV
 
 
 def rss_mb(pid: int) -> float:

@@ -53,6 +53,10 @@ class ExpiredError(EnvelopeError):
     """A message is past its expiry or dated in the future."""
 
 
+class LapsedError(ExpiredError):
+    """A well-formed message arrived after its expiry (it waited too long)."""
+
+
 class RefError(DeployBusError):
     """A git ref from a message is unsafe or malformed."""
 

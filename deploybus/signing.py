@@ -29,7 +29,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from deploybus.envelope import Envelope, now
-from deploybus.errors import ConfigError, ExpiredError, ReplayError, SignatureError
+from deploybus.errors import (
+    ConfigError,
+    ExpiredError,
+    LapsedError,
+    ReplayError,
+    SignatureError,
+)
 
 #: Clock difference between hosts that is tolerated for ``at``.
 DEFAULT_SKEW = timedelta(seconds=60)
@@ -199,7 +205,7 @@ class Verifier:
         if expires - at > MAX_TTL:
             raise ExpiredError(f"expiry is more than {MAX_TTL} after sending")
         if expires <= t:
-            raise ExpiredError(f"message expired at {env.expires}")
+            raise LapsedError(f"message expired at {env.expires}")
         if not any(r.allows(name, project, environment) for r in self.policy):
             raise SignatureError(f"signer {name!r} may not deploy {project!r} to {environment!r}")
         self.replay.check_and_add(env.id, expires.timestamp() + self.skew.total_seconds())

@@ -42,7 +42,7 @@ from deploybus.daemons.deploy_agent import steps
 from deploybus.daemons.deploy_agent.journal import ACCEPTED, DONE, RUNNING, Journal
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
-from deploybus.errors import BusError, DeployBusError
+from deploybus.errors import BusError, DeployBusError, LapsedError
 from deploybus.refs import check_name, check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
 
@@ -360,7 +360,8 @@ class DeployAgent(Service):
             if ec.projects is not None and project not in ec.projects:
                 raise DeployBusError(f"project {project!r} is not deployed to {environment!r}")
         except DeployBusError as exc:
-            self.refuse(env, rollout, str(exc))
+            # lapsed: it waited too long (a broker outage, say); its sender may ask anew
+            self.refuse(env, rollout, str(exc), lapsed=isinstance(exc, LapsedError))
             return
         entry = {"rollout": rollout, "action": action, "state": ACCEPTED, "accepted": _now(),
                  "request": {"id": env.id, "project": project, "environment": environment,
@@ -404,7 +405,7 @@ class DeployAgent(Service):
             self.log.info("request already accepted and in progress; not running it again",
                           rollout=rollout, id=env.id, state=state)
 
-    def refuse(self, env: Envelope, rollout: str, reason: str) -> None:
+    def refuse(self, env: Envelope, rollout: str, reason: str, *, lapsed: bool = False) -> None:
         self.ctx.stats.incr("refused")
         self.log.warning("deploy request refused", rollout=rollout, id=env.id, reason=reason)
         self.audit(env, "refused", rollout=rollout, reason=reason)
@@ -412,7 +413,8 @@ class DeployAgent(Service):
         self.publish("deploy.result", rollout, {
             "status": "refused", "reason": reason, "request_id": env.id,
             "action": str(body.get("action") or "deploy")[:32],
-            "project": str(body.get("project"))[:64], "ref": str(body.get("ref"))[:200]})
+            "project": str(body.get("project"))[:64], "ref": str(body.get("ref"))[:200]}
+            | ({"lapsed": True} if lapsed else {}))
 
     # -- workers -------------------------------------------------------------------------------
 

@@ -7,8 +7,11 @@ its heartbeats stopped (offline: it is reported, not waited on), when it
 shows no progress for ``stuck`` seconds, or when it does not answer within
 the environment's ``request_timeout``. Time the orchestrator spends cut off
 from the broker does not count against a host: answer and stuck deadlines
-move back by the outage, and a host is judged offline only on silence the
-orchestrator was connected to hear. Once more than ``max_failures`` hosts
+move back by the outage, a host is judged offline only on silence the
+orchestrator was connected to hear, and a host that refused its request
+only because it arrived past its expiry (``lapsed``) after an outage is
+asked anew (at most MAX_REASK times; a refused request was never applied).
+Once more than ``max_failures`` hosts
 have failed no new host is started; hosts still in flight are waited for,
 the rest are marked skipped, and with ``auto_rollback`` the hosts this
 rollout switched are switched back to the release they had.
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
 #: A host whose last heartbeat is older than this many intervals is offline.
 OFFLINE_AFTER_BEATS = 3
 
+#: How often a host whose request lapsed during a broker outage is asked anew.
+MAX_REASK = 3
+
 #: Seconds an automatic rollback waits for each host.
 ROLLBACK_TIMEOUT = 300.0
 
@@ -54,6 +60,9 @@ class RolloutRun:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
         self._settled: set[str] = set()
         self._downtime = orch.ctx.bus.links.downtime()
+        # host -> the bus's downtime when it was last asked; host -> times asked anew
+        self._asked_at: dict[str, float] = {}
+        self._reasked: dict[str, int] = {}
         self.id: str = record["id"]
         self.project: str = record["project"]
         self.environment: str = record["environment"]
@@ -140,7 +149,9 @@ class RolloutRun:
                 body["release"] = release
             self.orch.expect(rollout, host)
             messages.append((topics.requests_for(host), "deploy.request", body, rollout, ttl))
-        self.orch.send_many(messages)
+        for host, request_id in zip(hosts, self.orch.send_many(messages), strict=True):
+            self.orch.sent(rollout, host, request_id)
+            self._asked_at[host] = self.orch.ctx.bus.links.downtime()
 
     # -- the run -----------------------------------------------------------------------
 
@@ -258,6 +269,14 @@ class RolloutRun:
             now = time.monotonic()
             for host in list(inflight):
                 result = self.orch.take_result(self.id, host)
+                if result is not None and self._lapsed_in_outage(host, result):
+                    self.store.add_log(self.id, host, "request",
+                                       f"asked again: {result.get('reason')} during a broker "
+                                       "outage")
+                    self._request_many([host], rollout=self.id, action=self.action,
+                                       release=self.target_release, ttl=self.request_timeout)
+                    inflight[host] = time.monotonic() + self.request_timeout
+                    continue
                 if result is None:
                     if inflight[host] <= now:
                         result = {"status": "failed", "reason":
@@ -273,6 +292,20 @@ class RolloutRun:
                     failures += 1
                 self._settle(host, result, index)
         return failures
+
+    def _lapsed_in_outage(self, host: str, result: dict[str, Any]) -> bool:
+        """The host refused its request only because it arrived after its expiry,
+        and the bus was down meanwhile: the wait was the outage's, not the
+        host's, so it is asked anew (a refused request was never applied). At
+        most MAX_REASK times per host."""
+        if result.get("status") != "refused" or not result.get("lapsed"):
+            return False
+        if self.orch.ctx.bus.links.downtime() <= self._asked_at.get(host, float("inf")):
+            return False
+        if self._reasked.get(host, 0) >= MAX_REASK:
+            return False
+        self._reasked[host] = self._reasked.get(host, 0) + 1
+        return True
 
     def _deadline(self, host: str, request_deadline: float) -> float:
         last = self.orch.last_progress(self.id, host)

@@ -68,6 +68,9 @@ class Orchestrator(Service):
         self._expected: set[tuple[str, str]] = set()
         self._results: dict[tuple[str, str], dict[str, Any]] = {}
         self._progress: dict[tuple[str, str], float] = {}
+        # (rollout, host) -> id of the latest request sent: a refusal of an
+        # older one (a stale redelivery) answers nothing
+        self._sent: dict[tuple[str, str], str] = {}
 
     def start(self) -> None:
         if self.ctx.signing_key is None:
@@ -113,20 +116,25 @@ class Orchestrator(Service):
                 if not backoff.wait():
                     raise
 
-    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]]) -> None:
+    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]]
+                  ) -> list[str]:
         """Sign and publish ``(topic, type, body, correlation, ttl)`` messages as
         one batch (one broker round trip on AMQP); retried whole, like
         :meth:`send`, while the broker is away. A message the broker had
         already taken before a failure may go out twice: agents answer a
-        repeated request from their journal."""
-        raw = [(topic, self.ctx.signing_key.sign(envelope.new(
-                    type, body, sender=self.ctx.sender, correlation=correlation, ttl=ttl)
-                ).encode()) for topic, type, body, correlation, ttl in messages]
+        repeated request from their journal. Each try signs the messages
+        anew, so that their time to live starts when they go out: a request
+        kept through a long broker outage would otherwise arrive expired.
+        Returns the ids of the messages that went out."""
         backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
         while True:
+            envs = [envelope.new(type, body, sender=self.ctx.sender, correlation=correlation,
+                                 ttl=ttl) for _topic, type, body, correlation, ttl in messages]
+            raw = [(m[0], self.ctx.signing_key.sign(env).encode())
+                   for m, env in zip(messages, envs, strict=True)]
             try:
                 self.ctx.bus.publish_batch(raw)
-                return
+                return [env.id for env in envs]
             except BusError as exc:
                 self.log.warning("batch publish failed; retrying", count=len(raw),
                                  error=str(exc), retry_in=round(backoff.delay, 1))
@@ -144,6 +152,10 @@ class Orchestrator(Service):
         with self.cond:
             self._expected.add((rollout, host))
             self._progress[(rollout, host)] = time.monotonic()
+
+    def sent(self, rollout: str, host: str, request_id: str) -> None:
+        with self.cond:
+            self._sent[(rollout, host)] = request_id
 
     def has_result(self, rollout: str, host: str) -> bool:
         return (rollout, host) in self._results
@@ -174,6 +186,8 @@ class Orchestrator(Service):
             for key in [k for k in self._expected if k[0] in (run.id, f"{run.id}.rb")]:
                 self._expected.discard(key)
                 self._progress.pop(key, None)
+            for key in [k for k in self._sent if k[0] in (run.id, f"{run.id}.rb")]:
+                del self._sent[key]
 
     # -- starting runs ---------------------------------------------------------------
 
@@ -362,6 +376,9 @@ class Orchestrator(Service):
                                  for e in envelope.progress_entries(body)])
         if env.type == "deploy.result":
             with self.cond:
+                if body.get("status") == "refused" and body.get("request_id") not in (
+                        None, self._sent.get(key, body.get("request_id"))):
+                    return  # the refusal of a request since asked anew
                 if key in self._expected:
                     self._results.setdefault(key, body)
                     self.cond.notify_all()

@@ -200,3 +200,24 @@ def test_hostile_requests_are_refused_with_a_reason(target: Any) -> None:
     audit = [json.loads(x) for x in (target.site.state / "audit.jsonl").read_text().splitlines()]
     assert audit and all(e["decision"] == "refused" and e["reason"] for e in audit)
     still_deploys(target)
+
+
+def test_lapsed_request_is_refused_and_marked_so_its_sender_may_ask_anew(target: Any) -> None:
+    """A request that arrives after its expiry is refused (never run), and the
+    refusal says ``lapsed``: the orchestrator asks anew when the wait was a
+    broker outage's. Other expiry problems are not marked."""
+    h = target
+    lapsed = h.site.request("v1", ttl=-10)
+    h.site.send(h.bus, lapsed)
+    result = h.outcomes.result_for(lapsed)
+    assert result["status"] == "refused" and result["lapsed"] is True, result
+    assert "expired at" in result["reason"]
+    future = h.site.key.sign(envelope.new(
+        "deploy.request", {"rollout": "f1", "project": "app", "environment": "prod",
+                           "host": h.site.host, "user": "t", "ref": "v1"},
+        sender="test", correlation="f1", ttl=300, at=envelope.now() + timedelta(hours=1)))
+    h.site.send(h.bus, future)
+    result = h.outcomes.result_for(future)
+    assert result["status"] == "refused" and "lapsed" not in result, result
+    assert "future" in result["reason"]
+    assert_untouched(h)

@@ -3,13 +3,15 @@ last ones, which an agent puts on its deploy.result when they come together."""
 
 from __future__ import annotations
 
+import queue
+import time
 import uuid
 from pathlib import Path
 
-from deploybus import envelope
+from deploybus import envelope, topics
 from deploybus.bus import connect
 from deploybus.config import parse
-from deploybus.daemons.orchestrator import service
+from deploybus.daemons.orchestrator import rollout, service
 from deploybus.runner import Context
 from deploybus.signing import SigningKey
 from deploybus.store import Store
@@ -49,3 +51,124 @@ environments: {{prod: {{hosts: [h1]}}}}
     assert logs == [("fetch", "resolving v1"), ("checkout", "201 entries checked out"),
                     ("switch", "current -> releases/rel1")]
     assert orch.take_result("r1", "h1")["status"] == "succeeded"
+
+
+class FakeAgent:
+    """Answers h1's requests on the memory bus as a script says."""
+
+    def __init__(self, bus, key: SigningKey, answers: list) -> None:  # noqa: ANN001
+        self.bus, self.key, self.answers, self.requests = bus, key, answers, []
+        bus.subscribe(topics.requests_for("h1"), self.on_request, queue="h1-requests")
+
+    def on_request(self, d) -> None:  # noqa: ANN001
+        env = envelope.decode(d.body)
+        d.ack()
+        self.requests.append(env.id)
+        answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
+        body = {"rollout": env.body["rollout"], "host": "h1", "request_id": env.id,
+                **answer(self)}
+        self.bus.publish(topics.EVENTS, self.key.sign(envelope.new(
+            "deploy.result", body, sender="agent@h1", correlation=env.body["rollout"],
+            ttl=60)).encode())
+
+
+def lapsed_after_outage(agent: FakeAgent) -> dict:
+    # the orchestrator's link goes down and comes back while the request waits
+    agent.bus.links.down("test")
+    time.sleep(0.3)
+    agent.bus.links.up("test")
+    return {"status": "refused", "lapsed": True, "reason": "message expired at ..."}
+
+
+def lapsed_no_outage(_agent: FakeAgent) -> dict:
+    return {"status": "refused", "lapsed": True, "reason": "message expired at ..."}
+
+
+def succeeded(_agent: FakeAgent) -> dict:
+    return {"status": "succeeded", "release": "r1", "commit": "c" * 40}
+
+
+def run_rollout(tmp_path: Path, answers: list) -> tuple[dict, FakeAgent, Store]:
+    key = SigningKey.generate("ops")
+    key.save(tmp_path)
+    cfg = parse(f"""
+bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}
+keys:
+  signing: ops.key
+  trusted: {{ops: ops.pub}}
+  policy: [{{signer: ops}}]
+projects: {{app: {{git: /nonexistent.git}}}}
+environments: {{prod: {{hosts: [h1], request_timeout: 30}}}}
+""", tmp_path / "c.yaml")
+    bus = connect(cfg.bus_url)
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key), store)
+    agent = FakeAgent(bus, key, answers)
+    finals: queue.Queue[dict] = queue.Queue()
+
+    def on_status(d) -> None:  # noqa: ANN001
+        b = envelope.decode(d.body).body
+        if b.get("state") in ("succeeded", "failed") and not b.get("host"):
+            finals.put(b)
+        d.ack()
+
+    bus.subscribe(topics.STATUS, on_status)
+    orch.start()
+    try:
+        env = envelope.new("deploy.rollout", {"rollout": "r1", "project": "app",
+                                              "environment": "prod", "ref": "v1", "user": "u"},
+                           sender="t", correlation="r1", ttl=60)
+        bus.publish(topics.ROLLOUTS, key.sign(env).encode())
+        return finals.get(timeout=20), agent, store
+    finally:
+        orch.stop(5)
+        bus.close()
+
+
+def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path) -> None:
+    final, agent, store = run_rollout(tmp_path, [lapsed_after_outage, succeeded])
+    assert final["state"] == "succeeded", final
+    assert len(agent.requests) == 2 and agent.requests[0] != agent.requests[1]
+    logs = [ln["text"] for ln in store.rollout("r1")["logs"]]
+    assert any(t.startswith("asked again: message expired") for t in logs), logs
+
+
+def test_request_lapsed_without_an_outage_is_a_refusal(tmp_path: Path) -> None:
+    final, agent, _store = run_rollout(tmp_path, [lapsed_no_outage, succeeded])
+    assert final["state"] == "failed" and "refused" in final["reason"], final
+    assert len(agent.requests) == 1, "a host that let its request lapse is not asked again"
+
+
+def test_asked_anew_at_most_max_reask_times(tmp_path: Path) -> None:
+    final, agent, _store = run_rollout(tmp_path, [lapsed_after_outage])
+    assert final["state"] == "failed", final
+    assert len(agent.requests) == 1 + rollout.MAX_REASK
+
+
+def test_batch_retried_through_an_outage_is_signed_anew(tmp_path: Path) -> None:
+    """Requests kept through a broker outage go out with a fresh time to live:
+    signed once before the outage, they would arrive expired."""
+    from deploybus.errors import BusConnectionError
+
+    key = SigningKey.generate("ops")
+    cfg = parse(f'bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}\n', tmp_path / "c.yaml")
+    bus = connect(cfg.bus_url)
+    orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key),
+                                Store(f"sqlite:///{tmp_path / 's.db'}"))
+    tries: list[list[tuple[str, bytes]]] = []
+
+    def flaky(messages: list[tuple[str, bytes]]) -> None:
+        tries.append(messages)
+        if len(tries) < 3:
+            raise BusConnectionError("broker away")
+
+    bus.publish_batch = flaky  # type: ignore[method-assign]
+    started = envelope.now()
+    ids = orch.send_many([(topics.requests_for("h1"), "deploy.request", {"rollout": "r"},
+                           "r", 2.0)])
+    assert len(tries) == 3
+    first, last = (envelope.decode(t[0][1]) for t in (tries[0], tries[-1]))
+    assert ids == [last.id] and first.id != last.id
+    assert (last.at_time - started).total_seconds() >= 1.4, "signed before the backoff"
+    assert last.expires_time > envelope.now(), "the request that went out had expired"
+    bus.close()

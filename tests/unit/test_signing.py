@@ -18,6 +18,7 @@ from deploybus.errors import (
     ConfigError,
     EnvelopeError,
     ExpiredError,
+    LapsedError,
     ReplayError,
     SignatureError,
 )
@@ -112,14 +113,15 @@ def test_key_id_swapped_to_a_trusted_one_is_refused(key, verifier):
 
 def test_expired_is_refused(key, verifier):
     env = key.sign(request(ttl=30, at=envelope.now() - timedelta(minutes=5)))
-    with pytest.raises(ExpiredError, match="expired at"):
+    with pytest.raises(LapsedError, match="expired at"):
         verifier.verify(env, project="shop", environment="staging")
 
 
 def test_future_dated_is_refused(key, verifier):
     env = key.sign(request(ttl=600, at=envelope.now() + timedelta(minutes=5)))
-    with pytest.raises(ExpiredError, match="dated in the future"):
+    with pytest.raises(ExpiredError, match="dated in the future") as info:
         verifier.verify(env, project="shop", environment="staging")
+    assert not isinstance(info.value, LapsedError), "future-dated is not a lapse"
 
 
 def test_small_clock_skew_is_tolerated(key, verifier):
