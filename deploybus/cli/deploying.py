@@ -7,9 +7,11 @@ import json
 import socket
 import sys
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -32,6 +34,9 @@ def _login() -> str:
 
 #: How long a deploy.rollout may wait for the orchestrator before it expires.
 ROLLOUT_TTL = 3600
+
+#: Seconds ``--wait`` waits for the orchestrator's first word before saying so.
+SILENCE_HINT_AFTER = 10.0
 
 #: Final rollout states and the exit code ``--wait`` gives for each.
 EXIT_FOR_STATE = {"succeeded": 0, "failed": EXIT_FAILURE, "aborted": EXIT_FAILURE,
@@ -78,6 +83,7 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
     rollout = body["rollout"]
     verifier = cfg.verifier()
     finished = threading.Event()
+    heard = threading.Event()  # the orchestrator said anything of this rollout
     final: dict[str, Any] = {}
 
     def on_event(d: Any) -> None:
@@ -94,6 +100,7 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
                     click.echo(f"ignoring unverified status message: {exc}", err=True)
                     d.ack()
                     return
+                heard.set()
                 if env.body.get("state") in FINAL_STATES:
                     final.update(env.body)
                     finished.set()
@@ -115,7 +122,18 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
         click.echo(f"rollout {rollout}: {summary}")
         if not wait:
             return
-        if not finished.wait(timeout):
+        deadline = time.monotonic() + timeout
+        if not heard.wait(min(timeout, SILENCE_HINT_AFTER)) and timeout > SILENCE_HINT_AFTER:
+            # Nothing is lost if an orchestrator is merely down (the rollout
+            # waits in its queue); if none has ever run on this bus, no queue
+            # took the rollout and it is gone.
+            where = urlsplit(cfg.bus_url)
+            click.echo(f"rollout {rollout}: no word from the orchestrator after "
+                       f"{SILENCE_HINT_AFTER:.0f}s; is `deploybus orchestrator` running on "
+                       f"{where.scheme}://{where.hostname or ''}"
+                       f"{f':{where.port}' if where.port else ''}? (still waiting)",
+                       err=True)
+        if not finished.wait(max(0.0, deadline - time.monotonic())):
             click.echo(f"rollout {rollout}: still not finished after {timeout:.0f}s", err=True)
             sys.exit(EXIT_TEMPFAIL)
     except BusError as exc:

@@ -1,0 +1,34 @@
+"""``deploybus deploy --wait`` when no orchestrator answers: it says so after
+a while (without printing the bus credentials), keeps waiting, and exits
+with EX_TEMPFAIL at its timeout."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deploybus.cli.deploying import SILENCE_HINT_AFTER
+from deploybus.exits import EXIT_TEMPFAIL
+from tests.conftest import broker_url
+from tests.e2e.cluster import Cluster
+
+pytestmark = pytest.mark.broker
+
+
+def test_wait_says_when_no_orchestrator_answers(request: pytest.FixtureRequest,
+                                                tmp_path: Path) -> None:
+    url = broker_url("rabbitmq-amqp", request, f"w{uuid.uuid4().hex[:10]}")
+    c = Cluster(tmp_path, url, ["h1"])
+    c.setup()  # no daemon started: nobody will answer
+    started = time.monotonic()
+    r = c.cli("deploy", "app", "v1.0", "--env", "prod", "--wait",
+              "--timeout", str(SILENCE_HINT_AFTER + 2))
+    took = time.monotonic() - started
+    assert r.returncode == EXIT_TEMPFAIL, r.stdout + r.stderr
+    assert f"no word from the orchestrator after {SILENCE_HINT_AFTER:.0f}s" in r.stderr
+    assert "amqp://127.0.0.1:5672" in r.stderr and "guest" not in r.stderr, r.stderr
+    assert "still not finished after 12s" in r.stderr
+    assert took < SILENCE_HINT_AFTER + 10, "the hint must not add to the timeout"
