@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from deploybus.bus.memory import MemoryTransport
+from deploybus.config import Config, parse
+from deploybus.signing import SigningKey
 
 
 @pytest.fixture
@@ -47,3 +49,21 @@ class Inbox:
 @pytest.fixture
 def inbox_factory() -> Callable[..., Inbox]:
     return Inbox
+
+
+@pytest.fixture
+def orchestrator_config(tmp_path) -> tuple[Config, SigningKey]:  # noqa: ANN001
+    """A config for an orchestrator on a memory bus of its own (project app,
+    environment prod with host h1, request_timeout 30 s) and its signing key."""
+    key = SigningKey.generate("ops")
+    key.save(tmp_path)
+    cfg = parse(f"""
+bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}
+keys:
+  signing: ops.key
+  trusted: {{ops: ops.pub}}
+  policy: [{{signer: ops}}]
+projects: {{app: {{git: /nonexistent.git}}}}
+environments: {{prod: {{hosts: [h1], request_timeout: 30}}}}
+""", tmp_path / "c.yaml")
+    return cfg, key

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import queue
-import uuid
 from pathlib import Path
 
 import pytest
 
 from deploybus import envelope, topics
 from deploybus.bus import Delivery, connect
-from deploybus.config import parse
 from deploybus.daemons.orchestrator import service
 from deploybus.runner import Context
-from deploybus.signing import SigningKey
 from deploybus.store import Store
 
 
 def test_unexpected_error_is_reported_not_swallowed(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    key = SigningKey.generate("ops")
-    key.save(tmp_path)
-    cfg = parse(f"""
-bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}
-keys:
-  signing: ops.key
-  trusted: {{ops: ops.pub}}
-  policy: [{{signer: ops}}]
-projects: {{app: {{git: /nonexistent.git}}}}
-environments: {{prod: {{hosts: [h1]}}}}
-""", tmp_path / "c.yaml")
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    orchestrator_config) -> None:  # noqa: ANN001
+    cfg, key = orchestrator_config
     bus = connect(cfg.bus_url)
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key),
                                 Store(f"sqlite:///{tmp_path / 's.db'}"))

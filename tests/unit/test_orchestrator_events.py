@@ -17,18 +17,9 @@ from deploybus.signing import SigningKey
 from deploybus.store import Store
 
 
-def test_entries_on_progress_and_on_result_are_both_logged(tmp_path: Path) -> None:
-    key = SigningKey.generate("ops")
-    key.save(tmp_path)
-    cfg = parse(f"""
-bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}
-keys:
-  signing: ops.key
-  trusted: {{ops: ops.pub}}
-  policy: [{{signer: ops}}]
-projects: {{app: {{git: /nonexistent.git}}}}
-environments: {{prod: {{hosts: [h1]}}}}
-""", tmp_path / "c.yaml")
+def test_entries_on_progress_and_on_result_are_both_logged(tmp_path: Path,
+                                                           orchestrator_config) -> None:  # noqa: ANN001
+    cfg, key = orchestrator_config
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     store.create_rollout(id="r1", project="app", environment="prod", ref="v1", user="u",
                          hosts=["h1"], strategy={})
@@ -88,18 +79,8 @@ def succeeded(_agent: FakeAgent) -> dict:
     return {"status": "succeeded", "release": "r1", "commit": "c" * 40}
 
 
-def run_rollout(tmp_path: Path, answers: list) -> tuple[dict, FakeAgent, Store]:
-    key = SigningKey.generate("ops")
-    key.save(tmp_path)
-    cfg = parse(f"""
-bus: {{url: "memory://orch-{uuid.uuid4().hex}"}}
-keys:
-  signing: ops.key
-  trusted: {{ops: ops.pub}}
-  policy: [{{signer: ops}}]
-projects: {{app: {{git: /nonexistent.git}}}}
-environments: {{prod: {{hosts: [h1], request_timeout: 30}}}}
-""", tmp_path / "c.yaml")
+def run_rollout(tmp_path: Path, setup: tuple, answers: list) -> tuple[dict, FakeAgent, Store]:
+    cfg, key = setup
     bus = connect(cfg.bus_url)
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key), store)
@@ -125,22 +106,27 @@ environments: {{prod: {{hosts: [h1], request_timeout: 30}}}}
         bus.close()
 
 
-def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path) -> None:
-    final, agent, store = run_rollout(tmp_path, [lapsed_after_outage, succeeded])
+def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path,
+                                                         orchestrator_config) -> None:  # noqa: ANN001
+    final, agent, store = run_rollout(tmp_path, orchestrator_config,
+                                      [lapsed_after_outage, succeeded])
     assert final["state"] == "succeeded", final
     assert len(agent.requests) == 2 and agent.requests[0] != agent.requests[1]
     logs = [ln["text"] for ln in store.rollout("r1")["logs"]]
     assert any(t.startswith("asked again: message expired") for t in logs), logs
 
 
-def test_request_lapsed_without_an_outage_is_a_refusal(tmp_path: Path) -> None:
-    final, agent, _store = run_rollout(tmp_path, [lapsed_no_outage, succeeded])
+def test_request_lapsed_without_an_outage_is_a_refusal(tmp_path: Path,
+                                                       orchestrator_config) -> None:  # noqa: ANN001
+    final, agent, _store = run_rollout(tmp_path, orchestrator_config,
+                                       [lapsed_no_outage, succeeded])
     assert final["state"] == "failed" and "refused" in final["reason"], final
     assert len(agent.requests) == 1, "a host that let its request lapse is not asked again"
 
 
-def test_asked_anew_at_most_max_reask_times(tmp_path: Path) -> None:
-    final, agent, _store = run_rollout(tmp_path, [lapsed_after_outage])
+def test_asked_anew_at_most_max_reask_times(tmp_path: Path,
+                                           orchestrator_config) -> None:  # noqa: ANN001
+    final, agent, _store = run_rollout(tmp_path, orchestrator_config, [lapsed_after_outage])
     assert final["state"] == "failed", final
     assert len(agent.requests) == 1 + rollout.MAX_REASK
 
