@@ -122,11 +122,16 @@ class RolloutRun:
             return f"host offline: last heartbeat {h['age']:.0f}s ago"
         return None
 
-    def _credit_outage(self, deadlines: dict[str, float], rollout: str) -> None:
-        """Move ``deadlines`` (and the hosts' stuck clocks) back by the time the
-        bus has been down since the last call: no answer can arrive then."""
+    def _outage_lag(self) -> float:
+        """Seconds the bus has been down since the last call: no answer can
+        arrive then, so deadlines move back by as much."""
         down = self.orch.ctx.bus.links.downtime()
         lag, self._downtime = down - self._downtime, down
+        return lag
+
+    def _credit_outage(self, deadlines: dict[str, float], rollout: str) -> None:
+        """Move ``deadlines`` (and the hosts' stuck clocks) back by :meth:`_outage_lag`."""
+        lag = self._outage_lag()
         if lag > 0:
             for host in deadlines:
                 deadlines[host] += lag
@@ -149,9 +154,11 @@ class RolloutRun:
                 body["release"] = release
             self.orch.expect(rollout, host)
             messages.append((topics.requests_for(host), "deploy.request", body, rollout, ttl))
-        for host, request_id in zip(hosts, self.orch.send_many(messages), strict=True):
+        ids = self.orch.send_many(messages)
+        down = self.orch.ctx.bus.links.downtime()
+        for host, request_id in zip(hosts, ids, strict=True):
             self.orch.sent(rollout, host, request_id)
-            self._asked_at[host] = self.orch.ctx.bus.links.downtime()
+            self._asked_at[host] = down
 
     # -- the run -----------------------------------------------------------------------
 
@@ -368,13 +375,13 @@ class RolloutRun:
                 continue
             self._request(host, rollout=rb, action="rollback",
                           release=st["previous_release"], ttl=ROLLBACK_TIMEOUT)
-        self._credit_outage({}, rb)
-        deadlines = {"": time.monotonic() + ROLLBACK_TIMEOUT}
+        self._outage_lag()  # what was down before the requests went out does not count
+        deadline = time.monotonic() + ROLLBACK_TIMEOUT
         waiting = [h for h in targets if h not in outcome]
-        while waiting and time.monotonic() < deadlines[""]:
+        while waiting and time.monotonic() < deadline:
             self._wait(lambda: any(self.orch.has_result(rb, h) for h in waiting),
-                       deadlines[""] - time.monotonic())
-            self._credit_outage(deadlines, rb)
+                       deadline - time.monotonic())
+            deadline += self._outage_lag()
             for host in list(waiting):
                 res = self.orch.take_result(rb, host)
                 if res is not None:
