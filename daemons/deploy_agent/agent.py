@@ -82,9 +82,11 @@ class _JournalTracker(steps.Tracker):
     def __init__(self, journal: Journal, rollout: str, entry: dict[str, Any]) -> None:
         self.journal, self.rollout, self.entry = journal, rollout, entry
 
-    def step(self, step: str, **fields: Any) -> None:
+    def step(self, step: str, *, lazy: bool = False, **fields: Any) -> None:
         self.entry.update(fields)
         self.entry.update(state=RUNNING, step=step, step_at=_now())
+        if lazy:
+            return  # written with the next record (see steps.Tracker.step)
         # Every write survives the agent being killed (rename); the one before
         # the switch must also survive a power cut, so that recovery knows the
         # release it may have to switch back from.

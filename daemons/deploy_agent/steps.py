@@ -19,9 +19,12 @@ so a deploy either fully happens or not at all. A rollback is the switch and
 post-switch steps alone, towards an earlier release.
 
 Before each step the agent's journal is told where the run is (and which
-process group a script runs in), so :func:`recover` can finish the story
-after the agent was killed: kill the orphaned script, remove the partial
-checkout, switch back if the switch had happened, mark the release failed.
+process group a script runs in; a step that starts a process at once is
+recorded with it), so :func:`recover` can finish the story after the agent
+was killed: kill the orphaned script, remove the partial checkout, switch
+back if the switch had happened, mark the release failed. A release that
+is ``ok`` and ``current`` was a complete deploy, whatever step the journal
+names.
 """
 
 from __future__ import annotations
@@ -69,8 +72,13 @@ class Request:
 class Tracker:
     """Where a run is; the agent's journal implements it. This one forgets."""
 
-    def step(self, step: str, **fields: Any) -> None:
-        """The run enters ``step``; ``fields`` (release, previous_release) are kept."""
+    def step(self, step: str, *, lazy: bool = False, **fields: Any) -> None:
+        """The run enters ``step``; ``fields`` (release, previous_release) are kept.
+
+        ``lazy``: the step need not be on disk before it starts, because the
+        next record carries it: a script about to be started (its process
+        group is recorded) or the run's end. Recovery decides the same for
+        the step before, so a record is saved."""
 
     def script(self, pgid: int | None, start: int | None) -> None:
         """A script runs in process group ``pgid`` (None: no script runs now)."""
@@ -210,7 +218,7 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
                           previous_release=previous, action="deploy")
             if "pre" in pc.scripts:
                 run.script("pre", layout.dir, env)
-                run.tracker.step("checkout")
+                run.tracker.step("checkout", lazy=True)  # recorded with git archive's group
             progress("checkout", f"checking out {commit[:12]} into releases/{release}", None)
             partial = layout.releases / f"{release}.partial"
             try:
@@ -230,21 +238,22 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             gitutil.fsync_dir(layout.releases)
 
             if "post" in pc.scripts:
-                run.tracker.step("post")
+                run.tracker.step("post", lazy=True)  # recorded with the script's group
                 run.script("post", release_dir, env)
             if pc.health is not None:
                 run.tracker.step("health")
                 health.check(pc.health, cwd=release_dir, env=env, progress=progress,
                              output=pc.output, runas=run.runas, on_start=run.tracker.script)
                 run.tracker.script(None, None)
-            layout.set_state(release, "ready")
 
             run.tracker.step("switch")
             layout.switch(release)
             progress("switch", f"current -> releases/{release}", None)
             if "post_switch" in pc.scripts:
-                run.tracker.step("post_switch")
+                run.tracker.step("post_switch", lazy=True)  # recorded with the script's group
                 run.script("post_switch", release_dir, env)
+            # From here the deploy is complete, whatever the journal says:
+            # recovery goes by this state and ``current``.
             layout.set_state(release, "ok", switched=_now())
             result.update(status="succeeded", release=release)
         except (DeployError, RefError, OSError) as exc:
@@ -259,7 +268,7 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             result.update(reason=reason, release=release)
             progress("failed", reason, None)
         if result["status"] == "succeeded":
-            run.tracker.step("cleanup")
+            run.tracker.step("cleanup", lazy=True)  # the release's "ok" already tells
             try:
                 # The release this deploy replaced stays too: the orchestrator
                 # may ask to roll back to it by name.
@@ -314,7 +323,7 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
                 layout.switch(target)
                 progress("switch", f"current -> releases/{target} (rollback)", None)
                 if "post_switch" in pc.scripts:
-                    run.tracker.step("post_switch")
+                    run.tracker.step("post_switch", lazy=True)
                     env = run.env(release=target, commit=info.get("commit"),
                                   ref=info.get("ref"), previous_release=current,
                                   action="rollback")
@@ -375,8 +384,11 @@ def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, stat
         info = layout.info(release) if release else {}
         result["commit"] = info.get("commit")
         current = layout.current_release()
-        finished = step == "cleanup" and current == release and (
-            req.action == "rollback" or info.get("state") == "ok")
+        # A deploy is complete once its release is "ok" and current (the
+        # journal may still name an earlier step: later steps are recorded
+        # lazily); a rollback once it reached cleanup with current on it.
+        finished = current == release and (
+            info.get("state") == "ok" if req.action == "deploy" else step == "cleanup")
         if finished:
             result.update(status="succeeded",
                           reason=f"agent restarted during {step}; the {req.action} was complete")

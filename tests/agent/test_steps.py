@@ -4,6 +4,7 @@ back, rollback, keep N, scripts' environment, user, timeout and output."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -327,6 +328,34 @@ def test_unpublished_result_is_sent_when_the_agent_starts(harness) -> None:
     h.start()
     assert h.events.result("r-unsent")["release"] == "R"
     assert wait_until(lambda: h.site.journal("r-unsent")["published"] is True, 10)
+
+
+def test_a_deploy_killed_after_its_release_was_ok_is_reported_complete(harness,
+                                                                       tmp_path: Path) -> None:
+    """The steps after post_switch are recorded lazily: the journal of a deploy
+    killed in cleanup still names an earlier step. The release's "ok" and
+    ``current`` tell recovery that it was complete; nothing is switched back."""
+    log = tmp_path / "post_switch.log"
+    h = harness({"app": {"scripts": {"post_switch": f"echo $DEPLOYBUS_ACTION >> {log}"}}},
+                start=False)
+    h.repo.commit("v1")
+    h.repo.commit("v2")
+    h.start()
+    r1, r2 = h.deploy("v1"), h.deploy("v2")
+    assert r1["status"] == r2["status"] == "succeeded"
+    lay = h.site.layout()
+    h.restart()  # a warm stop; the journal entry below stands for a kill -9 in cleanup
+    h.agents[0].stop()
+    (h.site.state / "journal" / "r-killed.json").write_text(json.dumps({
+        "rollout": "r-killed", "action": "deploy", "state": "running", "step": "post_switch",
+        "release": r2["release"], "previous_release": r1["release"],
+        "request": {"project": "app", "environment": "prod", "ref": "v2", "user": "tester"}}))
+    h.start()
+    result = h.events.result("r-killed")
+    assert result["status"] == "succeeded", result
+    assert result["reason"] == "agent restarted during post_switch; the deploy was complete"
+    assert lay.current_release() == r2["release"]
+    assert log.read_text().split() == ["deploy", "deploy"], "post_switch did not run again"
 
 
 # -- scripts ------------------------------------------------------------------------------------------
