@@ -26,7 +26,8 @@ every run fetches. See docs/performance.md.
 
 It prints a table and, as its last line, one JSON object with the medians and
 the ratios ``vs_ansible`` and ``vs_floor`` (deploybus median / baseline
-median). Everything lives in a temporary directory that is removed at the
+median), and ``vs_floor_paired``: the median of the rounds' own ratios (each
+round runs the methods back to back, so it drifts less with the machine). Everything lives in a temporary directory that is removed at the
 end (``--keep`` keeps it); the generated source repository is cached under
 ``$TMPDIR/deploybus-bench-cache``. Every process it starts is stopped at the
 end, and the broker queues of its unique prefix are deleted.
@@ -726,6 +727,14 @@ class Floor:
 
 # -- driver -----------------------------------------------------------------------------
 
+def paired_ratios(methods: list[Any], head: Any) -> list[float]:
+    """The headline's time over the floor's, round by round (runs are interleaved)."""
+    floor = next((m for m in methods if m.key == "floor"), None)
+    if head is None or floor is None:
+        return []
+    return [a / b for a, b in zip(head.walls, floor.walls, strict=False) if b > 0]
+
+
 class Method:
     """One row of the table: a runner and how it is asked to deploy."""
 
@@ -949,6 +958,19 @@ def main() -> int:
             cpu_ratio = results[head.key]["cpu_s"] / max(results["floor"]["cpu_s"], 1e-9)
             print(f"  deploybus CPU / floor CPU = {cpu_ratio:.2f}  (target at N=50: "
                   f"{verdict(cpu_ratio, ('issue 3', 1.5))})")
+        paired = paired_ratios(methods, head)
+        if head is not None and paired:
+            # The machine's speed drifts between rounds; a round's two runs
+            # were back to back, so their ratio drifts less than the medians'.
+            print(f"  paired: deploybus / floor of the same round = "
+                  f"{statistics.median(paired):.2f} median "
+                  f"({' '.join(f'{x:.2f}' for x in paired)})")
+            added = (results[head.key]["cpu_s"] - results["floor"]["cpu_s"]) / n
+            span = results[head.key].get("orchestrator_s")
+            print(f"  deploybus adds {1000 * added:.1f} ms of CPU per host (its CLI "
+                  f"included) to the floor's {1000 * results['floor']['cpu_s'] / n:.1f} ms"
+                  + (f"; the rollout alone (orchestrator, accepted -> final) is "
+                     f"{span / fl:.2f}x the floor" if span else ""))
     print("\nnotes:")
     print("  - each method first did one untimed deploy that cloned the per-host mirrors; "
           "each timed run deployed a new tag on a new commit (every host fetches); runs "
@@ -991,6 +1013,7 @@ def main() -> int:
     print(f"  - deploybus revision {revision()}; total bench time "
           f"{time.perf_counter() - started:.0f}s")
 
+    paired = paired_ratios(methods, head)
     out = {"hosts": n, "runs": runs, "cpus": os.cpu_count(), "files": files, "bytes": size,
            "broker": args.broker.split("@")[-1], "headline": head.key if head else None,
            "deploybus_s": dbs, "ansible_s": an, "floor_s": fl,
@@ -998,6 +1021,8 @@ def main() -> int:
            "floor_procs": args.floor_procs, "ansible_forks": ANSIBLE_FORKS,
            "busy_machine": busy_machine, "loadavg_start": load, "revision": revision(),
            "detail": r3(results)}
+    if paired:
+        out["vs_floor_paired"] = round(statistics.median(paired), 3)
     for m in dbm:
         out["detail"][m.key]["vs_ansible"] = ratio(results[m.key]["median_s"], an)
         out["detail"][m.key]["vs_floor"] = ratio(results[m.key]["median_s"], fl)
