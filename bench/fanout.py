@@ -27,8 +27,9 @@ every run fetches. See docs/performance.md.
 It prints a table and, as its last line, one JSON object with the medians and
 the ratios ``vs_ansible`` and ``vs_floor`` (deploybus median / baseline
 median), and ``vs_floor_paired``: the median of the rounds' own ratios (each
-round runs the methods back to back, so it drifts less with the machine). Everything lives in a temporary directory that is removed at the
-end (``--keep`` keeps it); the generated source repository is cached under
+round runs the methods back to back, so it drifts less with the machine).
+Everything lives in a temporary directory that is removed at the end
+(``--keep`` keeps it); the generated source repository is cached under
 ``$TMPDIR/deploybus-bench-cache``. Every process it starts is stopped at the
 end, and the broker queues of its unique prefix are deleted.
 """
