@@ -328,34 +328,31 @@ class StompTransport(Transport):
 
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         check_topic(topic)
-        deadline = threading.Event()
-        timer = threading.Timer(self.publish_timeout, deadline.set)
-        timer.start()
-        try:
-            while not deadline.is_set():
-                conn = self._ready(self.publish_timeout)
-                rid = uuid.uuid4().hex
-                waiter = self._receipts[rid] = threading.Event()
-                gen = self._gen
-                try:
-                    hdrs = {"persistent": "true", "receipt": rid, **(headers or {})}
-                    conn.send(self._pub_dest(topic), body, content_type="application/json",
-                              headers=hdrs)
-                    # Wait for the receipt, but notice a dropped connection early.
-                    while not waiter.wait(0.2):
-                        if gen != self._gen or deadline.is_set():
-                            break
-                    if waiter.is_set():
-                        return
-                except stomp.exception.StompException as exc:
-                    log.warning("stomp publish failed; retrying", topic=topic, error=str(exc))
-                    self._lost(gen)
-                finally:
-                    self._receipts.pop(rid, None)
-            raise BusConnectionError(f"publish to {topic!r} not confirmed within "
-                                     f"{self.publish_timeout:.0f}s")
-        finally:
-            timer.cancel()
+        # A clock, not a timer thread: a thread per publish cost more than the
+        # publish itself.
+        deadline = time.monotonic() + self.publish_timeout
+        while time.monotonic() < deadline:
+            conn = self._ready(self.publish_timeout)
+            rid = uuid.uuid4().hex
+            waiter = self._receipts[rid] = threading.Event()
+            gen = self._gen
+            try:
+                hdrs = {"persistent": "true", "receipt": rid, **(headers or {})}
+                conn.send(self._pub_dest(topic), body, content_type="application/json",
+                          headers=hdrs)
+                # Wait for the receipt, but notice a dropped connection early.
+                while not waiter.wait(0.2):
+                    if gen != self._gen or time.monotonic() >= deadline:
+                        break
+                if waiter.is_set():
+                    return
+            except stomp.exception.StompException as exc:
+                log.warning("stomp publish failed; retrying", topic=topic, error=str(exc))
+                self._lost(gen)
+            finally:
+                self._receipts.pop(rid, None)
+        raise BusConnectionError(f"publish to {topic!r} not confirmed within "
+                                 f"{self.publish_timeout:.0f}s")
 
     def subscribe(self, topic: str, handler: Handler, *, queue: str | None = None,
                   prefetch: int = DEFAULT_PREFETCH) -> Subscription:
