@@ -32,7 +32,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -179,21 +180,35 @@ class _Run:
         return note
 
 
-def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host: str,
-           progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Run the deploy; return the result body (status succeeded or failed)."""
+@contextmanager
+def _opened(run: _Run, action: str,
+            first_step: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The opening of a deploy and of a rollback: under the project's lock,
+    with the leftovers of a killed run gone, the result so far (failed until
+    said otherwise, naming the release ``current`` points at now) and that
+    release, which the journal learns together with ``first_step``. The
+    result gets its ``duration`` when the block ends."""
     started = time.monotonic()
-    run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
-               tracker=tracker)
     layout = run.layout
-    result: dict[str, Any] = {"status": "failed", "action": "deploy", "commit": None,
-                              "release": None}
     with layout.lock():
         layout.remove_leftovers()
         previous = layout.current_release()
         prev_info = layout.info(previous) if previous else {}
-        result.update(previous_release=previous, previous_commit=prev_info.get("commit"))
-        run.tracker.step("fetch", previous_release=previous)
+        result: dict[str, Any] = {"status": "failed", "action": action, "commit": None,
+                                  "release": None, "previous_release": previous,
+                                  "previous_commit": prev_info.get("commit")}
+        run.tracker.step(first_step, previous_release=previous)
+        yield result, previous
+    result["duration"] = round(time.monotonic() - started, 3)
+
+
+def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host: str,
+           progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Run the deploy; return the result body (status succeeded or failed)."""
+    run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
+               tracker=tracker)
+    layout = run.layout
+    with _opened(run, "deploy", "fetch") as (result, previous):
         release: str | None = None
         try:
             run.runas = scripts.run_as(pc.user, pc.group)
@@ -278,7 +293,6 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             else:
                 if removed:
                     progress("cleanup", f"removed {len(removed)} old release(s)", None)
-    result["duration"] = round(time.monotonic() - started, 3)
     return result
 
 
@@ -286,18 +300,10 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
              progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
     """Switch ``current`` to ``req.release`` (default: the newest earlier
     release that is ok) and run the post-switch script."""
-    started = time.monotonic()
     run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
                tracker=tracker)
     layout = run.layout
-    result: dict[str, Any] = {"status": "failed", "action": "rollback", "commit": None,
-                              "release": None}
-    with layout.lock():
-        layout.remove_leftovers()
-        current = layout.current_release()
-        cur_info = layout.info(current) if current else {}
-        result.update(previous_release=current, previous_commit=cur_info.get("commit"))
-        run.tracker.step("switch", previous_release=current)
+    with _opened(run, "rollback", "switch") as (result, current):
         target: str | None = None
         try:
             run.runas = scripts.run_as(pc.user, pc.group)
@@ -340,7 +346,6 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
                     reason += f"; could not switch back: {exc2}"
             result["reason"] = reason
             progress("failed", reason, None)
-    result["duration"] = round(time.monotonic() - started, 3)
     return result
 
 
