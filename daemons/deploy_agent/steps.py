@@ -396,7 +396,8 @@ def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, stat
             info.get("state") == "ok" if req.action == "deploy" else step == "cleanup")
         if finished:
             result.update(status="succeeded",
-                          reason=f"agent restarted during {step}; the {req.action} was complete")
+                          reason=f"agent restarted after the {req.action} was complete "
+                                 f"(its journal was at {step})")
             progress("recovered", result["reason"], None)
             return result
         if pc is not None:

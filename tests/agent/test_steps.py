@@ -353,7 +353,8 @@ def test_a_deploy_killed_after_its_release_was_ok_is_reported_complete(harness,
     h.start()
     result = h.events.result("r-killed")
     assert result["status"] == "succeeded", result
-    assert result["reason"] == "agent restarted during post_switch; the deploy was complete"
+    assert result["reason"] == \
+        "agent restarted after the deploy was complete (its journal was at post_switch)"
     assert lay.current_release() == r2["release"]
     assert log.read_text().split() == ["deploy", "deploy"], "post_switch did not run again"
 
