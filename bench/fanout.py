@@ -56,6 +56,8 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
+#: The project's package directories (setup.cfg maps them into ``deploybus``).
+PACKAGE_DIRS = ("deploybus", "daemons", "frontend")
 ANSIBLE_VENV = BENCH / ".venv-ansible"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -292,9 +294,8 @@ def compile_project() -> None:
     an editable checkout would otherwise be compiled from source by every
     process the bench starts, and every CLI start would pay for it."""
     import compileall
-    root = BENCH.parent
-    for d in ("deploybus", "daemons", "frontend"):
-        compileall.compile_dir(str(root / d), quiet=1)
+    for d in PACKAGE_DIRS:
+        compileall.compile_dir(str(REPO_ROOT / d), quiet=1)
 
 
 #: ``--exe``: another deploybus command to bench (a wrapper that profiles it, say).
@@ -303,8 +304,7 @@ EXE_OVERRIDE: list[str] = []
 
 #: A venv with deploybus installed as a server has it (``pip install .``: the
 #: runtime dependencies only, no editable-install import hook, byte-compiled).
-RUNTIME_VENV = Path(__file__).resolve().parent / ".venv-agent"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+RUNTIME_VENV = BENCH / ".venv-agent"
 
 
 def runtime_deploybus() -> list[str]:
@@ -315,8 +315,8 @@ def runtime_deploybus() -> list[str]:
     (structlog loads greenlet, which Playwright brings)."""
     exe = RUNTIME_VENV / "bin" / "deploybus"
     stamp = RUNTIME_VENV / ".installed"
-    sources = [p for d in ("deploybus", "daemons", "frontend") for p in
-               (PROJECT_DIR / d).rglob("*.py")] + [PROJECT_DIR / "setup.cfg"]
+    sources = [p for d in PACKAGE_DIRS for p in (REPO_ROOT / d).rglob("*.py")] + \
+        [REPO_ROOT / "setup.cfg"]
     newest = max(p.stat().st_mtime for p in sources)
     if not exe.exists() or not stamp.exists() or stamp.stat().st_mtime < newest:
         print(f"  installing deploybus into {RUNTIME_VENV} (runtime dependencies only)...",
@@ -324,9 +324,9 @@ def runtime_deploybus() -> list[str]:
         pip = str(RUNTIME_VENV / "bin" / "pip")
         if not exe.exists():
             run(["python3", "-m", "venv", str(RUNTIME_VENV)])
-            run([pip, "install", "-q", str(PROJECT_DIR)])
+            run([pip, "install", "-q", str(REPO_ROOT)])
         else:  # the dependencies are there: only the project's own code changed
-            run([pip, "install", "-q", "--force-reinstall", "--no-deps", str(PROJECT_DIR)])
+            run([pip, "install", "-q", "--force-reinstall", "--no-deps", str(REPO_ROOT)])
         stamp.touch()
     return [str(exe)]
 
@@ -942,6 +942,7 @@ def main() -> int:
               f"{' '.join(f'{x:.2f}' for x in res['runs_s'])}")
     print()
     vs_ansible, vs_floor = ratio(dbs, an), ratio(dbs, fl)
+    paired = paired_ratios(methods, head)
     if head is not None:
         print(f"headline: {head.label}")
     def verdict(value: float, *limits: tuple[str, float]) -> str:
@@ -959,7 +960,6 @@ def main() -> int:
             cpu_ratio = results[head.key]["cpu_s"] / max(results["floor"]["cpu_s"], 1e-9)
             print(f"  deploybus CPU / floor CPU = {cpu_ratio:.2f}  (target at N=50: "
                   f"{verdict(cpu_ratio, ('issue 3', 1.5))})")
-        paired = paired_ratios(methods, head)
         if head is not None and paired:
             # The machine's speed drifts between rounds; a round's two runs
             # were back to back, so their ratio drifts less than the medians'.
@@ -1014,7 +1014,6 @@ def main() -> int:
     print(f"  - deploybus revision {revision()}; total bench time "
           f"{time.perf_counter() - started:.0f}s")
 
-    paired = paired_ratios(methods, head)
     out = {"hosts": n, "runs": runs, "cpus": os.cpu_count(), "files": files, "bytes": size,
            "broker": args.broker.split("@")[-1], "headline": head.key if head else None,
            "deploybus_s": dbs, "ansible_s": an, "floor_s": fl,
