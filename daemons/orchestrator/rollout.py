@@ -154,10 +154,16 @@ class RolloutRun:
                 body["release"] = release
             self.orch.expect(rollout, host)
             messages.append((topics.requests_for(host), "deploy.request", body, rollout, ttl))
-        ids = self.orch.send_many(messages)
+
+        def record(ids: list[str]) -> None:
+            # Before the requests go out: from then on only a refusal of these
+            # ids is an answer (a twin of an earlier one's may still come).
+            for host, request_id in zip(hosts, ids, strict=True):
+                self.orch.sent(rollout, host, request_id)
+
+        self.orch.send_many(messages, before=record)
         down = self.orch.ctx.bus.links.downtime()
-        for host, request_id in zip(hosts, ids, strict=True):
-            self.orch.sent(rollout, host, request_id)
+        for host in hosts:
             self._asked_at[host] = down
 
     # -- the run -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from deploybus import envelope, topics
@@ -116,8 +116,8 @@ class Orchestrator(Service):
                 if not backoff.wait():
                     raise
 
-    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]]
-                  ) -> list[str]:
+    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]], *,
+                  before: Callable[[list[str]], None] | None = None) -> list[str]:
         """Sign and publish ``(topic, type, body, correlation, ttl)`` messages as
         one batch (one broker round trip on AMQP); retried whole, like
         :meth:`send`, while the broker is away. A message the broker had
@@ -125,6 +125,8 @@ class Orchestrator(Service):
         repeated request from their journal. Each try signs the messages
         anew, so that their time to live starts when they go out: a request
         kept through a long broker outage would otherwise arrive expired.
+        ``before`` is called with each try's ids before it goes out, so that
+        an answer that comes back at once finds them recorded.
         Returns the ids of the messages that went out."""
         backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
         while True:
@@ -132,6 +134,8 @@ class Orchestrator(Service):
                                  ttl=ttl) for _topic, type, body, correlation, ttl in messages]
             raw = [(m[0], self.ctx.signing_key.sign(env).encode())
                    for m, env in zip(messages, envs, strict=True)]
+            if before is not None:
+                before([env.id for env in envs])
             try:
                 self.ctx.bus.publish_batch(raw)
                 return [env.id for env in envs]

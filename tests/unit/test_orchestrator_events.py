@@ -49,6 +49,7 @@ class FakeAgent:
 
     def __init__(self, bus, key: SigningKey, answers: list) -> None:  # noqa: ANN001
         self.bus, self.key, self.answers, self.requests = bus, key, answers, []
+        self.orch: service.Orchestrator | None = None
         bus.subscribe(topics.requests_for("h1"), self.on_request, queue="h1-requests")
 
     def on_request(self, d) -> None:  # noqa: ANN001
@@ -71,6 +72,24 @@ def lapsed_after_outage(agent: FakeAgent) -> dict:
     return {"status": "refused", "lapsed": True, "reason": "message expired at ..."}
 
 
+def lapsed_and_repeated_during_the_reask(agent: FakeAgent) -> dict:
+    """A lapsed refusal whose twin (the broker delivered the request twice)
+    reaches the orchestrator while the request asked anew is on its way."""
+    answer = lapsed_after_outage(agent)
+    first, publish_batch = agent.requests[0], agent.bus.publish_batch
+
+    def reask(messages: list) -> None:
+        agent.bus.publish_batch = publish_batch
+        assert agent.orch is not None
+        agent.orch.on_event(envelope.new("deploy.result", {
+            "rollout": "r1", "host": "h1", "request_id": first, **answer},
+            sender="agent@h1"), None)  # type: ignore[arg-type]
+        publish_batch(messages)
+
+    agent.bus.publish_batch = reask
+    return answer
+
+
 def lapsed_no_outage(_agent: FakeAgent) -> dict:
     return {"status": "refused", "lapsed": True, "reason": "message expired at ..."}
 
@@ -85,6 +104,7 @@ def run_rollout(tmp_path: Path, setup: tuple, answers: list) -> tuple[dict, Fake
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key), store)
     agent = FakeAgent(bus, key, answers)
+    agent.orch = orch
     finals: queue.Queue[dict] = queue.Queue()
 
     def on_status(d) -> None:  # noqa: ANN001
@@ -114,6 +134,14 @@ def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path,
     assert len(agent.requests) == 2 and agent.requests[0] != agent.requests[1]
     logs = [ln["text"] for ln in store.rollout("r1")["logs"]]
     assert any(t.startswith("asked again: message expired") for t in logs), logs
+
+
+def test_a_twin_of_the_lapsed_refusal_is_not_taken_for_the_answer_to_the_new_request(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    final, agent, _store = run_rollout(tmp_path, orchestrator_config,
+                                       [lapsed_and_repeated_during_the_reask, succeeded])
+    assert final["state"] == "succeeded", final
+    assert len(agent.requests) == 2
 
 
 def test_request_lapsed_without_an_outage_is_a_refusal(tmp_path: Path,
