@@ -183,8 +183,18 @@ environments:
         for d in reversed(self.daemons):
             d.stop()
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {d.name} ---\n{''.join(d.lines[-40:])}" for d in self.daemons)
+    def logs(self, *names: str, tail: int = 40) -> str:
+        """The last ``tail`` lines of each daemon's log (only ``names`` if given)."""
+        return "\n".join(f"--- {d.name} ---\n{''.join(d.lines[-tail:])}" for d in self.daemons
+                         if not names or d.name in names)
+
+    def save_logs(self) -> None:
+        """Every daemon's whole log under the cluster's directory (``logs/<name>.log``),
+        to read after a failure."""
+        out = self.base / "logs"
+        out.mkdir(exist_ok=True)
+        for d in self.daemons:
+            (out / f"{d.name}.log").write_text("".join(d.lines))
 
     def audit(self, host: str) -> list[dict]:
         path = self.state(host) / "audit.jsonl"

@@ -104,6 +104,10 @@ def test_broker_killed_mid_rollout(request: pytest.FixtureRequest, tmp_path: Pat
                 assert h in (rollout["reason"] or ""), \
                     f"{h} ended {step['state']} but the rollout does not name it"
                 assert len(releases) <= 1
-        assert rollout["state"] == "succeeded", rollout["reason"]
+        failed = [f"agent-{s['host']}" for s in rollout["hosts"]
+                  if s["state"] not in ("succeeded", "skipped")]
+        assert rollout["state"] == "succeeded", \
+            f"{rollout['reason']}\n{c.logs('orchestrator', *failed, tail=80)}"
     finally:
         c.stop()
+        c.save_logs()
