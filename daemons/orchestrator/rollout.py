@@ -59,7 +59,7 @@ class RolloutRun:
                  request_timeout: float, haproxy: HAProxy | None = None) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
         self._settled: set[str] = set()
-        self._downtime = orch.ctx.bus.links.downtime()
+        self._excused = orch.ctx.bus.links.excused()
         # host -> the bus's downtime when it was last asked; host -> times asked anew
         self._asked_at: dict[str, float] = {}
         self._reasked: dict[str, int] = {}
@@ -113,20 +113,22 @@ class RolloutRun:
             return None
         # An old heartbeat only means something if we were listening: after a
         # broker outage (or our own start) give the host `limit` seconds of
-        # connected time to be heard before calling it offline.
+        # connected time to be heard before calling it offline, counted from
+        # when its link is surely back too.
         links = self.orch.ctx.bus.links
-        while links.up_for() < limit:
-            self._wait(lambda: False, max(0.2, limit - links.up_for()))
+        while links.heard_for() < limit:
+            self._wait(lambda: False, max(0.2, limit - links.heard_for()))
             h = self.store.host(host) or h
         if h["age"] > limit:
             return f"host offline: last heartbeat {h['age']:.0f}s ago"
         return None
 
     def _outage_lag(self) -> float:
-        """Seconds the bus has been down since the last call: no answer can
-        arrive then, so deadlines move back by as much."""
-        down = self.orch.ctx.bus.links.downtime()
-        lag, self._downtime = down - self._downtime, down
+        """Seconds since the last call in which no answer could arrive (the
+        bus was down, or the hosts were still coming back after it: see
+        LinkClock.excused): deadlines move back by as much."""
+        excused = self.orch.ctx.bus.links.excused()
+        lag, self._excused = excused - self._excused, excused
         return lag
 
     def _credit_outage(self, deadlines: dict[str, float], rollout: str) -> None:

@@ -24,6 +24,7 @@ redeliver, which is why every handler is idempotent by message id.
 from __future__ import annotations
 
 import abc
+import random
 import re
 import threading
 import time
@@ -103,6 +104,15 @@ def get_logger(name: str) -> Any:
     return _LazyLog(name)
 
 
+#: The longest wait between two reconnect attempts (:class:`Backoff`'s cap).
+RECONNECT_CAP = 10.0
+#: After a broker outage, how much later than ours a host's link may come
+#: back: one wait at the cap and one connect attempt that timed out against
+#: a broker still starting (each transport gives up on a connect within
+#: 10 s).
+RECONNECT_LAG = 2 * RECONNECT_CAP
+
+
 class LinkClock:
     """When a transport's broker links were down, so that a caller does not
     count a broker outage against the hosts on the far side of it.
@@ -110,21 +120,34 @@ class LinkClock:
     A transport calls :meth:`down` when a link (its connection, or one
     consumer's) drops or is not up yet, and :meth:`up` once it carries
     messages again. The transport counts as down while any link is down.
-    The orchestrator uses :meth:`downtime` to push back its answer deadlines
-    and :meth:`up_for` to judge a host offline only on silence it was
+    The orchestrator uses :meth:`excused` to push back its answer deadlines
+    and :meth:`heard_for` to judge a host offline only on silence it was
     listening to.
+
+    A host's link comes back on its own schedule, up to ``peer_lag`` seconds
+    after ours (see :data:`RECONNECT_LAG`); after a shorter outage, by no
+    more than the outage lasted, since a reconnect loop that began with
+    ours waits at most about as long as it has been trying. So after each
+    outage the clock goes on counting for that long: the hosts may still
+    be coming back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peer_lag: float | None = None) -> None:
         self._lock = threading.Lock()
         self._down: set[object] = set()
         self._since = time.monotonic()  # when the current up or down period began
         self._total = 0.0
+        self.peer_lag = RECONNECT_LAG if peer_lag is None else peer_lag
+        self._lags = 0.0  # time allowed for hosts coming back after earlier outages
+        self._last_lag = 0.0  # the same after the last outage (counted while up)
 
     def down(self, link: object) -> None:
         with self._lock:
             if not self._down:
-                self._since = time.monotonic()
+                now = time.monotonic()
+                self._lags += min(now - self._since, self._last_lag)
+                self._last_lag = 0.0
+                self._since = now
             self._down.add(link)
 
     def up(self, link: object) -> None:
@@ -134,7 +157,9 @@ class LinkClock:
             self._down.discard(link)
             if not self._down:
                 now = time.monotonic()
-                self._total += now - self._since
+                outage = now - self._since
+                self._total += outage
+                self._last_lag = min(outage, self.peer_lag)
                 self._since = now
 
     def downtime(self) -> float:
@@ -146,6 +171,23 @@ class LinkClock:
         """Seconds since every link was last up together (0 while one is down)."""
         with self._lock:
             return 0.0 if self._down else time.monotonic() - self._since
+
+    def excused(self) -> float:
+        """Seconds in which no answer could be expected from a host: while
+        down, and after each outage while the hosts may still be coming back."""
+        with self._lock:
+            span = time.monotonic() - self._since
+            return self._total + self._lags + (span if self._down
+                                               else min(span, self._last_lag))
+
+    def heard_for(self) -> float:
+        """Seconds a host's link has surely been up along with ours: :meth:`up_for`
+        less the last outage's allowance for hosts coming back later (0 if
+        that has not passed yet)."""
+        with self._lock:
+            if self._down:
+                return 0.0
+            return max(0.0, time.monotonic() - self._since - self._last_lag)
 
 
 class Transport(abc.ABC):
@@ -225,19 +267,28 @@ def check_topic(topic: str, *, pattern: bool = False) -> str:
 
 
 class Backoff:
-    """Capped exponential backoff for reconnect loops, interruptible by ``stop``."""
+    """Capped exponential backoff for reconnect loops, interruptible by ``stop``.
 
-    def __init__(self, *, initial: float = 0.2, cap: float = 10.0,
+    Each wait is drawn between half and all of the current step, so that
+    the many clients a broker outage cut off at once do not all knock at
+    the same instant when it comes back. ``delay`` is the next wait."""
+
+    def __init__(self, *, initial: float = 0.2, cap: float = RECONNECT_CAP,
                  stop: threading.Event | None = None) -> None:
         self.initial, self.cap = initial, cap
-        self.delay = initial
         self.stop = stop or threading.Event()
+        self.reset()
 
     def reset(self) -> None:
-        self.delay = self.initial
+        self._step = self.initial
+        self.delay = self._jittered()
+
+    def _jittered(self) -> float:
+        return self._step * random.uniform(0.5, 1.0)
 
     def wait(self) -> bool:
         """Sleep the current delay; False if asked to stop meanwhile."""
         stopped = self.stop.wait(self.delay)
-        self.delay = min(self.cap, self.delay * 2)
+        self._step = min(self.cap, self._step * 2)
+        self.delay = self._jittered()
         return not stopped

@@ -126,6 +126,28 @@ def run_rollout(tmp_path: Path, setup: tuple, answers: list) -> tuple[dict, Fake
         bus.close()
 
 
+def back_after_us(agent: FakeAgent) -> dict:
+    """An outage of 1.5 s; the host's own link comes back 2.5 s after ours
+    (its reconnect loop was waiting), then it answers."""
+    agent.bus.links.down("test")
+    time.sleep(1.5)
+    agent.bus.links.up("test")
+    time.sleep(2.5)
+    return succeeded(agent)
+
+
+def test_a_host_coming_back_after_us_is_not_held_to_the_deadline_meanwhile(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    """Request timeout 2 s: the answer comes 4 s after the request, 1.5 s of
+    them in the outage. The wait after the outage, up to as long as the
+    outage lasted, is the host's link coming back, not the host."""
+    cfg, key = orchestrator_config
+    cfg.environments["prod"].request_timeout = 2.0
+    final, agent, _store = run_rollout(tmp_path, (cfg, key), [back_after_us])
+    assert final["state"] == "succeeded", final
+    assert len(agent.requests) == 1
+
+
 def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path,
                                                          orchestrator_config) -> None:  # noqa: ANN001
     final, agent, store = run_rollout(tmp_path, orchestrator_config,
@@ -183,6 +205,7 @@ def test_batch_retried_through_an_outage_is_signed_anew(tmp_path: Path) -> None:
     assert len(tries) == 3
     first, last = (envelope.decode(t[0][1]) for t in (tries[0], tries[-1]))
     assert ids == [last.id] and first.id != last.id
-    assert (last.at_time - started).total_seconds() >= 1.4, "signed before the backoff"
+    # two waits of the backoff, of at least 0.25 and 0.5 s (each is jittered down to half)
+    assert (last.at_time - started).total_seconds() >= 0.7, "signed before the backoff"
     assert last.expires_time > envelope.now(), "the request that went out had expired"
     bus.close()
