@@ -55,6 +55,10 @@ _BROKER_HEADERS = frozenset({"ack", "subscription", "message-id", "destination",
                              "content-length", "expires", "priority", "timestamp",
                              "original-destination", "persistent"})
 
+#: Header of the anchor an ActiveMQ durable subscription sends its own queue
+#: (see StompTransport._send_subscribe); consumers ack anchors unseen.
+ANCHOR = "x-deploybus-anchor"
+
 #: Seconds to wait for CONNECTED after opening a connection.
 CONNECT_TIMEOUT = 10.0
 
@@ -84,6 +88,9 @@ class _Sub(Subscription):
             if self.cancelled:
                 continue
             ack_id = frame.headers.get("ack") or frame.headers.get("message-id")
+            if ANCHOR in frame.headers:
+                t._settle(gen, ack_id, self.id, ack=True)
+                continue
             delivery = Delivery(
                 topic=t._topic_of(frame.headers.get("destination", ""), self.topic),
                 body=frame.body if isinstance(frame.body, bytes) else frame.body.encode(),
@@ -317,11 +324,24 @@ class StompTransport(Transport):
         return name or fallback
 
     def _send_subscribe(self, conn: stomp.Connection12, sub: _Sub) -> threading.Event:
-        """SUBSCRIBE with a receipt; the returned event is set once the broker has it."""
+        """SUBSCRIBE with a receipt; the returned event is set once the broker has it.
+
+        On ActiveMQ a durable subscription's queue is then sent an anchor, a
+        persistent message its consumer drops (see :data:`ANCHOR`), and the
+        event waits for that receipt instead: a queue that KahaDB has only in
+        its index, not yet checkpointed, is gone after the broker is killed,
+        and whatever is published to the virtual topic before the consumer
+        subscribes again is dropped with it; a message in the journal brings
+        the queue back."""
         dest, headers = self._sub_dest(sub)
         rid = uuid.uuid4().hex
         waiter = self._receipts[rid] = threading.Event()
         conn.subscribe(dest, sub.id, ack="client-individual", headers={**headers, "receipt": rid})
+        if sub.queue and self._amq():
+            self._receipts.pop(rid, None)
+            rid = uuid.uuid4().hex
+            waiter = self._receipts[rid] = threading.Event()
+            conn.send(dest, b"", headers={"persistent": "true", ANCHOR: sub.id, "receipt": rid})
         return waiter
 
     # -- Transport API -----------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from deploybus.bus import Delivery, connect
 from tests.conftest import broker_url
 from tests.e2e.cluster import Cluster, wait_for
 
@@ -111,3 +113,45 @@ def test_broker_killed_mid_rollout(request: pytest.FixtureRequest, tmp_path: Pat
     finally:
         c.stop()
         c.save_logs()
+
+
+def test_an_activemq_queue_subscribed_just_before_a_kill_keeps_what_comes_before_its_consumer(
+        request: pytest.FixtureRequest) -> None:
+    """KahaDB keeps a new queue only in its index until the next checkpoint
+    (every 5 s): killed before that, ActiveMQ comes back without the queue,
+    and what is published to the virtual topic before its consumer
+    subscribes again goes nowhere. An agent that started just before a
+    broker crash and reconnects after the orchestrator lost its request that
+    way. The subscription's anchor (a persistent message to its own queue,
+    dropped unseen by the consumer) brings the queue back."""
+    url = broker_url("activemq-stomp", request, f"a{uuid.uuid4().hex[:10]}")
+    got: queue.Queue[bytes] = queue.Queue()
+
+    def handler(d: Delivery) -> None:
+        got.put(d.body)
+        d.ack()
+
+    first = connect(url)
+    first.subscribe("anchor.test", handler, queue="anchored")
+    kill_broker("activemq-stomp")  # at once: well within the 5 s before a checkpoint
+    first.close(timeout=1)  # its consumer is not back when the message is published
+    assert got.empty(), f"the consumer's handler saw its anchor: {got.get()!r}"
+    restart_brokers()
+    publisher = connect(url)
+    try:
+        publisher.publish("anchor.test", b"after the crash")
+    finally:
+        publisher.close()
+    again = connect(url)
+    try:
+        again.subscribe("anchor.test", handler, queue="anchored")
+        try:
+            body = got.get(timeout=30)
+        except queue.Empty:
+            raise AssertionError("what was published while the consumer was away is lost: "
+                                 "ActiveMQ came back without the queue") from None
+        assert body == b"after the crash"
+        time.sleep(1)
+        assert got.empty(), f"more than the one message reached the handler: {got.get()!r}"
+    finally:
+        again.close()
