@@ -117,8 +117,10 @@ class RolloutRun:
         # when its link is surely back too.
         links = self.orch.ctx.bus.links
         while links.heard_for() < limit:
-            self._wait(lambda: False, max(0.2, limit - links.heard_for()))
+            self._wait(lambda: False, min(0.5, max(0.05, limit - links.heard_for())))
             h = self.store.host(host) or h
+            if h["age"] <= limit:
+                return None  # heard again: no need to wait out the rest
         if h["age"] > limit:
             return f"host offline: last heartbeat {h['age']:.0f}s ago"
         return None

@@ -4,12 +4,14 @@ last ones, which an agent puts on its deploy.result when they come together."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from deploybus import envelope, topics
-from deploybus.bus import connect
+from deploybus.bus import Transport, connect
 from deploybus.config import parse
 from deploybus.daemons.orchestrator import rollout, service
 from deploybus.runner import Context
@@ -50,6 +52,7 @@ class FakeAgent:
     def __init__(self, bus, key: SigningKey, answers: list) -> None:  # noqa: ANN001
         self.bus, self.key, self.answers, self.requests = bus, key, answers, []
         self.orch: service.Orchestrator | None = None
+        self.asked_at = 0.0
         bus.subscribe(topics.requests_for("h1"), self.on_request, queue="h1-requests")
 
     def on_request(self, d) -> None:  # noqa: ANN001
@@ -98,10 +101,14 @@ def succeeded(_agent: FakeAgent) -> dict:
     return {"status": "succeeded", "release": "r1", "commit": "c" * 40}
 
 
-def run_rollout(tmp_path: Path, setup: tuple, answers: list) -> tuple[dict, FakeAgent, Store]:
+def run_rollout(tmp_path: Path, setup: tuple, answers: list,
+                before: Callable[[Store, Transport], None] | None = None
+                ) -> tuple[dict, FakeAgent, Store]:
     cfg, key = setup
     bus = connect(cfg.bus_url)
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    if before is not None:
+        before(store, bus)
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key), store)
     agent = FakeAgent(bus, key, answers)
     agent.orch = orch
@@ -146,6 +153,42 @@ def test_a_host_coming_back_after_us_is_not_held_to_the_deadline_meanwhile(
     final, agent, _store = run_rollout(tmp_path, (cfg, key), [back_after_us])
     assert final["state"] == "succeeded", final
     assert len(agent.requests) == 1
+
+
+def test_a_host_heard_again_after_an_outage_is_asked_without_waiting_out_the_allowance(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    """h1 beats every second and was last heard before a 2 s outage: the
+    orchestrator listens before calling it offline (3 beats and the 2 s the
+    host's link may take to come back, 5 s), but asks it as soon as it is
+    heard again."""
+    heard: list[float] = []
+    done = threading.Event()
+
+    def stale_then_heard(store: Store, bus: Transport) -> None:
+        store.record_presence("h1", {"interval": 1})
+        bus.links.down("test")
+        time.sleep(3.5)  # the heartbeat is 3.5 s old: past 3 beats
+        bus.links.up("test")
+
+        def beat() -> None:  # its keepalive is back 0.5 s after us
+            while not done.wait(0.5 if not heard else 1.0):
+                store.record_presence("h1", {"interval": 1})
+                heard.append(time.monotonic())
+
+        threading.Thread(target=beat, daemon=True).start()
+
+    def answer(agent: FakeAgent) -> dict:
+        agent.asked_at = time.monotonic()
+        return succeeded(agent)
+
+    try:
+        final, agent, _store = run_rollout(tmp_path, orchestrator_config, [answer],
+                                           before=stale_then_heard)
+    finally:
+        done.set()
+    assert final["state"] == "succeeded", final
+    assert heard and agent.asked_at - heard[0] < 1.5, \
+        f"asked {agent.asked_at - heard[0]:.1f}s after the host was heard again"
 
 
 def test_request_lapsed_in_a_broker_outage_is_asked_anew(tmp_path: Path,
