@@ -79,6 +79,12 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch, peer_lag: float = 20.0) -> tuple
     return LinkClock(peer_lag=peer_lag), t
 
 
+def outage(clock: LinkClock, t: FakeTime, seconds: float) -> None:
+    clock.down("conn")
+    t.now += seconds
+    clock.up("conn")
+
+
 def test_excused_goes_on_after_an_outage_for_as_long_as_it_lasted(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock, t = fake_clock(monkeypatch)
@@ -98,9 +104,7 @@ def test_excused_goes_on_after_an_outage_for_as_long_as_it_lasted(
 def test_excused_after_a_long_outage_is_capped_at_the_peer_lag(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock, t = fake_clock(monkeypatch)
-    clock.down("conn")
-    t.now += 60
-    clock.up("conn")
+    outage(clock, t, 60)
     t.now += 100
     assert clock.excused() == 80
     assert clock.heard_for() == 80
@@ -109,9 +113,7 @@ def test_excused_after_a_long_outage_is_capped_at_the_peer_lag(
 def test_an_outage_during_the_hosts_return_keeps_what_passed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock, t = fake_clock(monkeypatch)
-    clock.down("conn")
-    t.now += 10
-    clock.up("conn")
+    outage(clock, t, 10)
     t.now += 4  # 4 of the 10 s allowed for the hosts' return
     clock.down("conn")
     assert clock.excused() == 14
