@@ -272,18 +272,23 @@ class AmqpTransport(Transport):
         return sub
 
     def declare(self, topic: str, queue: str) -> None:
-        conn = self._connection()
-        try:
-            q = kombu.Queue(self.prefix + queue, self.exchange,
-                            routing_key=self.prefix + check_topic(topic),
-                            durable=True, auto_delete=False)
-            conn.ensure_connection(max_retries=3)
-            with conn.channel() as channel:
-                q(channel).declare()
-        except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
-            raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
-        finally:
-            conn.release()
+        """On the publishing connection: a publisher that declares the queue it
+        publishes for (the CLI) pays two round trips, not a connection."""
+        q = kombu.Queue(self.prefix + queue, self.exchange,
+                        routing_key=self.prefix + check_topic(topic),
+                        durable=True, auto_delete=False)
+        with self._pub_lock:
+            if self._pub is None or self._producer is None:
+                self._pub = self._connection()
+            conn = self._pub
+            try:
+                if self._producer is None:
+                    conn.ensure_connection(max_retries=3)
+                    self._producer = conn.Producer(serializer=None)
+                q(self._producer.channel).declare()
+            except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
+                self._drop_pub()
+                raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
 
     def close(self, timeout: float = 5.0) -> None:
         for sub in self._subs:

@@ -217,6 +217,15 @@ class Transport(abc.ABC):
                   prefetch: int = DEFAULT_PREFETCH) -> Subscription:
         """Call ``handler`` for every message on ``topic`` (see module doc)."""
 
+    def publish_for(self, topic: str, queue: str, body: bytes) -> None:
+        """Send ``body`` so that durable ``queue`` (subscribed to ``topic``)
+        holds it even if its consumer never subscribed yet: a rollout sent
+        before the first orchestrator ran waits for it instead of going
+        nowhere. Here: declare, then publish; a transport may send it to the
+        queue alone (STOMP), so use it for a queue with one consumer."""
+        self.declare(topic, queue)
+        self.publish(topic, body)
+
     @abc.abstractmethod
     def declare(self, topic: str, queue: str) -> None:
         """Make sure durable ``queue`` exists and collects ``topic``, without consuming."""

@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -348,6 +348,27 @@ class StompTransport(Transport):
 
     def publish(self, topic: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         check_topic(topic)
+        self._send(topic, body, headers, lambda: self._pub_dest(topic))
+
+    def publish_for(self, topic: str, queue: str, body: bytes) -> None:
+        """Straight to the queue, which a SEND creates if need be: on RabbitMQ
+        ``/queue/<queue>`` (the queue a durable subscription names with
+        ``x-queue-name``), on ActiveMQ the virtual topic's consumer queue.
+        Other subscribers of ``topic`` do not get it."""
+        check_topic(topic)
+        self._send(topic, body, None, lambda: self._queue_dest(topic, queue))
+
+    def _queue_dest(self, topic: str, queue: str) -> str:
+        if self._amq():
+            consumer = (self.prefix + queue).replace(".", "_")
+            return f"/queue/Consumer.{consumer}.VirtualTopic.{self.prefix + topic}"
+        return f"/queue/{self.prefix + queue}"
+
+    def _send(self, topic: str, body: bytes, headers: Mapping[str, str] | None,
+              destination: Callable[[], str]) -> None:
+        """SEND with a receipt, again on a new connection if one drops, until
+        the broker confirms or ``publish_timeout`` passes. ``destination`` is
+        asked once connected (it depends on the broker's flavour)."""
         # A clock, not a timer thread: a thread per publish cost more than the
         # publish itself.
         deadline = time.monotonic() + self.publish_timeout
@@ -358,8 +379,7 @@ class StompTransport(Transport):
             gen = self._gen
             try:
                 hdrs = {"persistent": "true", "receipt": rid, **(headers or {})}
-                conn.send(self._pub_dest(topic), body, content_type="application/json",
-                          headers=hdrs)
+                conn.send(destination(), body, content_type="application/json", headers=hdrs)
                 # Wait for the receipt, but notice a dropped connection early.
                 while not waiter.wait(0.2):
                     if gen != self._gen or time.monotonic() >= deadline:

@@ -104,6 +104,24 @@ def test_durable_queue_keeps_messages_while_nobody_listens(bus: Transport, bus_u
         other.close()
 
 
+def test_publish_for_waits_in_a_queue_nobody_subscribed_yet(bus: Transport,
+                                                          bus_url: str) -> None:
+    """A rollout sent before the first orchestrator ran on a broker waits for
+    it; the queue is the one the consumer's durable subscription uses."""
+    bus.publish_for("deploy.rollouts", "orchestrator-rollouts", b"first")
+    inbox = Inbox()
+    other = open_bus(bus_url)
+    try:
+        other.subscribe("deploy.rollouts", inbox, queue="orchestrator-rollouts")
+        assert inbox.bodies(1) == [b"first"]
+        bus.publish_for("deploy.rollouts", "orchestrator-rollouts", b"second")
+        bus.publish("deploy.rollouts", b"third")
+        assert inbox.bodies(2) == [b"second", b"third"]
+        assert inbox.nothing()
+    finally:
+        other.close()
+
+
 def test_batch_arrives_whole_and_in_order(bus: Transport, bus_url: str) -> None:
     bus.declare("deploy.requests.b1", "agent-b1")
     bus.declare("deploy.requests.b2", "agent-b2")
