@@ -97,7 +97,9 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
             "rollout": rollout, "project": project, "environment": environment, "ref": ref,
             "hosts": hosts, "user": user}, sender=f"web@{ctx.host}", correlation=rollout,
             ttl=3600)
-        ctx.bus.publish(topics.ROLLOUTS, ctx.signing_key.sign(env).encode())
+        # into the orchestrator's queue even if none has run on this broker yet
+        ctx.bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS,
+                            ctx.signing_key.sign(env).encode())
         return rollout
 
     def current_user() -> str:

@@ -118,15 +118,16 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
                 bus.subscribe(topics.EVENTS, on_event)
         env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
                            correlation=rollout, ttl=ROLLOUT_TTL)
-        bus.publish(topics.ROLLOUTS, key.sign(env).encode())
+        # Into the orchestrator's queue even if none has run on this broker
+        # yet: the rollout waits there for the first one.
+        bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS, key.sign(env).encode())
         click.echo(f"rollout {rollout}: {summary}")
         if not wait:
             return
         deadline = time.monotonic() + timeout
         if not heard.wait(min(timeout, SILENCE_HINT_AFTER)) and timeout > SILENCE_HINT_AFTER:
-            # Nothing is lost if an orchestrator is merely down (the rollout
-            # waits in its queue); if none has ever run on this bus, no queue
-            # took the rollout and it is gone.
+            # Nothing is lost (the rollout waits in the orchestrator's queue),
+            # but somebody should start an orchestrator.
             where = urlsplit(cfg.bus_url)
             click.echo(f"rollout {rollout}: no word from the orchestrator after "
                        f"{SILENCE_HINT_AFTER:.0f}s; is `deploybus orchestrator` running on "

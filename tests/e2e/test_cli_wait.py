@@ -1,6 +1,7 @@
 """``deploybus deploy --wait`` when no orchestrator answers: it says so after
 a while (without printing the bus credentials), keeps waiting, and exits
-with EX_TEMPFAIL at its timeout."""
+with EX_TEMPFAIL at its timeout. The rollout is not lost: it waits for the
+first orchestrator, even on a broker where none has ever run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from deploybus.cli.deploying import SILENCE_HINT_AFTER
 from deploybus.exits import EXIT_TEMPFAIL
 from tests.conftest import broker_url
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -32,3 +33,22 @@ def test_wait_says_when_no_orchestrator_answers(request: pytest.FixtureRequest,
     assert "amqp://127.0.0.1:5672" in r.stderr and "guest" not in r.stderr, r.stderr
     assert "still not finished after 12s" in r.stderr
     assert took < SILENCE_HINT_AFTER + 10, "the hint must not add to the timeout"
+
+
+@pytest.mark.parametrize("kind", ["rabbitmq-amqp", "rabbitmq-stomp", "activemq-stomp"])
+def test_a_rollout_sent_before_any_orchestrator_ran_waits_for_the_first(
+        request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    url = broker_url(kind, request, f"f{uuid.uuid4().hex[:10]}")  # a bus nobody used
+    c = Cluster(tmp_path, url, ["h1"])
+    c.setup()
+    c.commit_and_tag("v1.0")
+    c.push("main", "v1.0")
+    r = c.cli("deploy", "app", "v1.0", "--env", "prod")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        c.start_all(fetchers=False)
+        assert wait_for(lambda: bool(c.history()) and c.history()[0]["state"] == "succeeded",
+                        60), c.logs()
+        assert c.version("h1") == "v1.0"
+    finally:
+        c.stop()

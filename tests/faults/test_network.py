@@ -38,8 +38,8 @@ def proxied(request: pytest.FixtureRequest, tmp_path: Path):
     agent_cfg.write_text(c.config.read_text().replace(url, via))
     orchestrator = c.start("orchestrator", "orchestrator")
     agent = c.start("agent", "-c", str(agent_cfg), "agent", "--host", "h1")
-    # Both ready before the first rollout: the orchestrator's queue must exist
-    # (on a broker it never ran against, a rollout sent earlier is dropped).
+    # Both ready before the first rollout, so that the test's faults hit a
+    # running deploy path.
     assert agent.ready.wait(60) and orchestrator.ready.wait(60), c.logs()
     yield c, proxy, agent
     c.stop()
