@@ -300,8 +300,7 @@ class StompTransport(Transport):
         if self._amq():
             headers = {"activemq.prefetchSize": str(sub.prefetch)}
             if sub.queue:
-                consumer = (self.prefix + sub.queue).replace(".", "_")
-                return f"/queue/Consumer.{consumer}.VirtualTopic.{name}", headers
+                return self._queue_dest(sub.topic, sub.queue), headers
             amq_pattern = ".".join(">" if w == "#" else w for w in name.split("."))
             return f"/topic/VirtualTopic.{amq_pattern}", headers
         headers = {"prefetch-count": str(sub.prefetch)}
@@ -359,6 +358,8 @@ class StompTransport(Transport):
         self._send(topic, body, None, lambda: self._queue_dest(topic, queue))
 
     def _queue_dest(self, topic: str, queue: str) -> str:
+        """The durable queue ``queue`` of ``topic`` as a destination to SEND to
+        (and, on ActiveMQ, to subscribe to)."""
         if self._amq():
             consumer = (self.prefix + queue).replace(".", "_")
             return f"/queue/Consumer.{consumer}.VirtualTopic.{self.prefix + topic}"
