@@ -101,13 +101,14 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
                     d.ack()
                     return
                 heard.set()
-                if env.body.get("state") in FINAL_STATES:
-                    final.update(env.body)
-                    finished.set()
             try:
                 print_event(env)
             except DeployBusError as exc:
                 click.echo(f"ignoring malformed {env.type}: {exc}", err=True)
+            # Only once its line is out: the main thread exits when it sees this.
+            if env.type == "deploy.rollout.status" and env.body.get("state") in FINAL_STATES:
+                final.update(env.body)
+                finished.set()
         d.ack()
 
     bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")
