@@ -218,14 +218,15 @@ class StompTransport(Transport):
                 if not backoff.wait():
                     return
 
-    def _open(self, gen: int, heartbeat: int) -> stomp.Connection12:
-        """A new connection whose frames go to this transport as generation
-        ``gen``; returns once CONNECTED came (raises after CONNECT_TIMEOUT)."""
-        conn = stomp.Connection12([(self.host, self.port)], heartbeats=(heartbeat, heartbeat),
+    def _connect_once(self) -> None:
+        conn = stomp.Connection12([(self.host, self.port)], heartbeats=(self.heartbeat, self.heartbeat),
                                   vhost=self.vhost, auto_decode=False, reconnect_attempts_max=1,
                                   timeout=10)
         if self.use_ssl:
             conn.set_ssl([(self.host, self.port)], ssl_version=ssl.PROTOCOL_TLS_CLIENT)
+        with self._lock:
+            self._gen += 1
+            gen = self._gen
         listener = _Listener(self, gen)
         conn.set_listener("deploybus", listener)
         # Our own wait, with a deadline: on a link that swallows frames a
@@ -235,13 +236,6 @@ class StompTransport(Transport):
         if not listener.connected.wait(CONNECT_TIMEOUT):
             threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()
             raise BusConnectionError(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
-        return conn
-
-    def _connect_once(self) -> None:
-        with self._lock:
-            self._gen += 1
-            gen = self._gen
-        conn = self._open(gen, self.heartbeat)
         with self._lock:
             if gen != self._gen:
                 raise BusConnectionError("connection replaced while connecting")
@@ -429,33 +423,22 @@ class StompTransport(Transport):
         return sub
 
     def declare(self, topic: str, queue: str) -> None:
-        """Subscribe on a connection of its own and close it: subscribing
-        creates the durable queue, and whatever the broker hands the
-        subscription meanwhile (a message already waiting) goes back when the
-        connection closes. On the shared connection it would stay unacked
-        there, out of everyone's reach: a NACK after UNSUBSCRIBE is an error
-        on RabbitMQ, and ActiveMQ dead-letters NACKed messages."""
-        self._ready(PUBLISH_TIMEOUT)  # the broker's flavour
+        conn = self._ready(PUBLISH_TIMEOUT)
         sub = _Sub(self, check_topic(topic), lambda d: d.nack(requeue=True), queue, 1)
-        sub.cancelled = True
-        sub.inbox.put(None)
         dest, headers = self._sub_dest(sub)
-        rid = uuid.uuid4().hex
-        waiter = self._receipts[rid] = threading.Event()
-        conn = None
         try:
-            conn = self._open(-1, 0)  # generation -1: none of its frames reach a subscription
+            # Subscribing creates the durable queue; unsubscribing keeps it.
+            rid = uuid.uuid4().hex
+            waiter = self._receipts[rid] = threading.Event()
             conn.subscribe(dest, sub.id, ack="client-individual",
-                           headers={**headers, "prefetch-count": "1", "receipt": rid})
-            if not waiter.wait(PUBLISH_TIMEOUT):
-                raise BusConnectionError(f"declare {queue!r}: no receipt within "
-                                         f"{PUBLISH_TIMEOUT:.0f}s")
+                           headers={**headers, "prefetch-count": "0", "receipt": rid})
+            waiter.wait(PUBLISH_TIMEOUT)
+            conn.unsubscribe(sub.id)
         except stomp.exception.StompException as exc:
             raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
         finally:
-            self._receipts.pop(rid, None)
-            if conn is not None:
-                self._quiet_disconnect(conn)
+            sub.cancelled = True
+            sub.inbox.put(None)
 
     def _unsubscribe(self, sub: _Sub) -> None:
         with self._lock:

@@ -104,30 +104,6 @@ def test_durable_queue_keeps_messages_while_nobody_listens(bus: Transport, bus_u
         other.close()
 
 
-def test_declare_leaves_a_waiting_message_where_it_is(bus: Transport, bus_url: str) -> None:
-    """Every daemon declares the dead-letter queue when it starts: declaring
-    a queue where a message waits must not take the message away, not even
-    for as long as the declaring connection lives. STOMP has no
-    subscription that takes nothing, so there it may come back marked
-    redelivered."""
-    bus.declare("deploy.requests.d1", "agent-d1")
-    bus.publish("deploy.requests.d1", b"waiting")
-    bus.declare("deploy.requests.d1", "agent-d1")
-    inbox = Inbox()
-    other = open_bus(bus_url)
-    try:
-        other.subscribe("deploy.requests.d1", inbox, queue="agent-d1")
-        try:
-            d = inbox.get()
-        except queue.Empty:
-            raise AssertionError("the declaring connection holds the waiting message") from None
-        assert d.body == b"waiting"
-        assert d.redelivered is False or bus_url.startswith("stomp"), "taken by the declare"
-        assert inbox.nothing()
-    finally:
-        other.close()
-
-
 def test_publish_for_waits_in_a_queue_nobody_subscribed_yet(bus: Transport,
                                                           bus_url: str) -> None:
     """A rollout sent before the first orchestrator ran on a broker waits for
