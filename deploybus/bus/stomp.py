@@ -335,12 +335,14 @@ class StompTransport(Transport):
         dest, headers = self._sub_dest(sub)
         rid = uuid.uuid4().hex
         waiter = self._receipts[rid] = threading.Event()
-        conn.subscribe(dest, sub.id, ack="client-individual", headers={**headers, "receipt": rid})
         if sub.queue and self._amq():
-            self._receipts.pop(rid, None)
-            rid = uuid.uuid4().hex
-            waiter = self._receipts[rid] = threading.Event()
+            # One receipt, on the anchor: the broker takes a connection's
+            # frames in order, so it also says the SUBSCRIBE was taken.
+            conn.subscribe(dest, sub.id, ack="client-individual", headers=headers)
             conn.send(dest, b"", headers={"persistent": "true", ANCHOR: sub.id, "receipt": rid})
+        else:
+            conn.subscribe(dest, sub.id, ack="client-individual",
+                           headers={**headers, "receipt": rid})
         return waiter
 
     # -- Transport API -----------------------------------------------------------
