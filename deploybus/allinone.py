@@ -48,6 +48,7 @@ hosts:
   local:
     root: deploy
     state_dir: state/local
+    heartbeat: 3
 projects:
   sample:
     git: git/sample.git
@@ -118,7 +119,7 @@ def run(data: Path, *, bind: str = "127.0.0.1", port: int = 8080) -> int:
     ctx = Context(config=cfg, bus=bus, host=HOST, signing_key=key)
     store = Store(cfg.state_url)
     services = [Orchestrator(ctx, store), RepoFetcher(ctx), DeployAgent(ctx),
-                Keepalive(ctx, interval=3.0)]
+                Keepalive(ctx)]
     web = WebServer(ctx, bind=bind, port=port, store=store,
                     healthy=lambda: all(s.healthy() for s in services))
     services.append(web)

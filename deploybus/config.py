@@ -5,12 +5,13 @@ Layout (every key is documented in docs/configuration.md)::
     bus:          {url, prefetch}
     keys:         {signing, trusted: {name: path-or-line}, policy: [{signer, projects, environments}]}
     state:        {url}                      # SQLAlchemy URL of the rollout store
-    defaults:     {root, state_dir}          # per-host defaults
-    hosts:        {name: {root, state_dir}}  # optional per-host overrides
+    defaults:     {root, state_dir, heartbeat}          # per-host defaults
+    hosts:        {name: {root, state_dir, heartbeat}}  # optional per-host overrides
     projects:     {name: {git, scripts: {pre, post, post_switch}, script_timeout, keep,
                           shared: [..], health: {command|url, retries, interval, timeout},
                           user, group, output: {interval, lines, line_chars, max_bytes}}}
-    environments: {name: {hosts: [..], projects: [..], request_timeout, strategy: {..},
+    environments: {name: {hosts: [..], projects: [..], request_timeout, ack_timeout,
+                          strategy: {..},
                           windows: {timezone, allow, deny},
                           haproxy: {socket, backend, servers, drain_timeout}}}
 
@@ -97,9 +98,16 @@ class EnvironmentConfig:
     hosts: list[str]
     projects: list[str] | None = None
     request_timeout: float = 900.0
+    #: Seconds an agent has to acknowledge a request (and take it before it
+    #: expires unread); a silent agent fails its host after this long.
+    ack_timeout: float = 30.0
     strategy: dict[str, Any] = field(default_factory=dict)   # see deploybus.strategy
     windows: Any = None                                      # deploybus.windows.Windows
     haproxy: Any = None                                      # deploybus.haproxy.HAProxy
+
+
+#: Seconds between a daemon's heartbeats unless the config says otherwise.
+HEARTBEAT = 10.0
 
 
 @dataclass
@@ -107,6 +115,8 @@ class HostConfig:
     name: str
     root: Path
     state_dir: Path
+    #: Seconds between the heartbeats of this host's daemons.
+    heartbeat: float = HEARTBEAT
 
 
 @dataclass
@@ -115,11 +125,14 @@ class Config:
     bus_url: str = "memory://"
     prefetch: int = 10
     signing_key: Path | None = None
+    #: Line of keys.signing in the file, for errors about the key.
+    signing_key_line: int | None = None
     trusted: dict[str, Any] = field(default_factory=dict)  # name -> Ed25519PublicKey
     policy: list[Any] = field(default_factory=list)        # PolicyRule
     state_url: str = "sqlite:///deploybus.db"
     default_root: Path = Path("/srv/deploy")
     default_state_dir: Path = Path("/var/lib/deploybus")
+    default_heartbeat: float = HEARTBEAT
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     projects: dict[str, ProjectConfig] = field(default_factory=dict)
     environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
@@ -127,7 +140,8 @@ class Config:
     def host(self, name: str) -> HostConfig:
         """Settings of host ``name``, defaults filled in."""
         return self.hosts.get(name) or HostConfig(name, self.default_root,
-                                                  self.default_state_dir)
+                                                  self.default_state_dir,
+                                                  self.default_heartbeat)
 
     def projects_for_host(self, host: str) -> list[ProjectConfig]:
         """Projects some environment deploys to ``host``."""
@@ -138,10 +152,19 @@ class Config:
         return [self.projects[n] for n in sorted(names)]
 
     def load_signing_key(self) -> Any:
+        """The private key keys.signing names; a ConfigError that names the
+        config file, line and key, the key file and what to do if it cannot
+        be read."""
         from deploybus.signing import SigningKey
         if self.signing_key is None:
-            raise ConfigError("no signing key configured", path=str(self.path), key="keys.signing")
-        return SigningKey.load(self.signing_key)
+            raise ConfigError("no signing key configured: add keys.signing (a private key "
+                              "made with `deploybus keys generate NAME --dir DIR`)",
+                              path=str(self.path), key="keys.signing")
+        try:
+            return SigningKey.load(self.signing_key)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; {_key_hint(self.signing_key)}", path=str(self.path),
+                              line=self.signing_key_line, key="keys.signing") from None
 
     def verifier(self, replay_path: Path | None = None) -> Any:
         from deploybus.signing import ReplayCache, Verifier
@@ -161,9 +184,7 @@ class _Checker:
             node = loader.get_single_node()
             self.data = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", path=str(path),
-                              line=mark.line + 1 if mark else None) from None
+            raise _yaml_error(exc, path, text) from None
         finally:
             loader.dispose()
         if node is not None:
@@ -236,6 +257,38 @@ class _Checker:
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
 
+def _key_hint(path: Path) -> str:
+    """What to do about a private key that cannot be loaded."""
+    if not path.exists():
+        return (f"create it with `deploybus keys generate {path.stem} --dir {path.parent}` "
+                f"and trust its .pub where it must be believed, or point keys.signing at "
+                f"an existing key")
+    if not os.access(path, os.R_OK):
+        return ("run as a user that may read it (keys are 0600: the daemon's user), or "
+                "make it readable by this user")
+    return "it must be a PEM ed25519 private key as `deploybus keys generate` writes"
+
+
+def _yaml_error(exc: yaml.YAMLError, path: Path, text: str) -> ConfigError:
+    """A YAML syntax error at the line a person should look at. The parser
+    notices an unclosed quote or bracket only at the end of the file (a line
+    past the last one) or on a later line: name the line where that
+    construct began as well, and at the end of the file, that line alone."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark else None
+    last = len(text.splitlines()) or 1
+    what = getattr(exc, "context", None)
+    if context is not None and what:
+        began = context.line + 1
+        if line is None or line > last:
+            line = began
+        problem += f" ({what} that begins on line {began})" if began != line else f" ({what})"
+    elif line is not None and line > last:
+        line = last
+    return ConfigError(f"not valid YAML: {problem}", path=str(path), line=line)
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and check the config file at ``path``."""
     p = Path(path)
@@ -268,6 +321,7 @@ def parse(text: str, path: Path) -> Config:
     keys = c.mapping(top.get("keys"), ("keys",), ("signing", "trusted", "policy"))
     if keys.get("signing") is not None:
         cfg.signing_key = c.path_value(keys["signing"], ("keys", "signing"))
+        cfg.signing_key_line = c.lines.get(("keys", "signing"))
     for name, value in c.mapping(keys.get("trusted"), ("keys", "trusted"), None).items():
         at: tuple[str, ...] = ("keys", "trusted", str(name))
         c.name(name, at)
@@ -303,7 +357,10 @@ def parse(text: str, path: Path) -> Config:
             url = "sqlite:///" + str((path.parent / url[len("sqlite:///"):]).resolve())
         cfg.state_url = url
 
-    defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir"))
+    defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir", "heartbeat"))
+    if "heartbeat" in defaults:
+        cfg.default_heartbeat = c.number(defaults["heartbeat"], ("defaults", "heartbeat"),
+                                         minimum=0.1)
     if "root" in defaults:
         cfg.default_root = c.path_value(defaults["root"], ("defaults", "root"))
     if "state_dir" in defaults:
@@ -312,12 +369,14 @@ def parse(text: str, path: Path) -> Config:
     for name, h in c.mapping(top.get("hosts"), ("hosts",), None).items():
         at = ("hosts", str(name))
         c.name(name, at)
-        h = c.mapping(h, at, ("root", "state_dir"))
+        h = c.mapping(h, at, ("root", "state_dir", "heartbeat"))
         cfg.hosts[name] = HostConfig(
             name,
             c.path_value(h["root"], at + ("root",)) if "root" in h else cfg.default_root,
             c.path_value(h["state_dir"], at + ("state_dir",)) if "state_dir" in h
-            else cfg.default_state_dir)
+            else cfg.default_state_dir,
+            c.number(h["heartbeat"], at + ("heartbeat",), minimum=0.1) if "heartbeat" in h
+            else cfg.default_heartbeat)
 
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))
@@ -345,8 +404,8 @@ def parse(text: str, path: Path) -> Config:
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
         c.name(name, at)
-        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "strategy", "windows",
-                                "haproxy"))
+        ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "ack_timeout",
+                                "strategy", "windows", "haproxy"))
         if "hosts" not in ev:
             raise c.fail(at, "missing key 'hosts'")
         hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
@@ -391,6 +450,7 @@ def parse(text: str, path: Path) -> Config:
             name=name, hosts=hosts, projects=projects,
             request_timeout=c.number(ev.get("request_timeout", 900),
                                      at + ("request_timeout",), minimum=1),
+            ack_timeout=c.number(ev.get("ack_timeout", 30), at + ("ack_timeout",), minimum=1),
             strategy=strategy, windows=windows, haproxy=haproxy)
     return cfg
 

@@ -33,6 +33,12 @@ class BusConnectionError(BusError):
     """The broker could not be reached or the connection dropped."""
 
 
+class BusAuthError(BusConnectionError):
+    """The broker refused our credentials, vhost or permissions: not transient;
+    retrying will not help. The message names the broker URL (password
+    redacted) and the vhost."""
+
+
 class UnsupportedURL(BusError):
     """The bus URL names a scheme deploybus has no transport for."""
 

@@ -7,6 +7,11 @@ A module of its own so the CLI can name them without importing the runner.
 EXIT_OK = 0
 #: A deploy or command failed (the reason is printed).
 EXIT_FAILURE = 1
+#: (2 is click's: a usage error on the command line.)
+#: A rollout went through, but some hosts failed (within max_failures).
+EXIT_PARTIAL = 3
+#: A rollout was aborted by a person.
+EXIT_ABORTED = 4
 #: Command line usage error (sysexits EX_USAGE).
 EXIT_USAGE = 64
 #: A required service (broker, database) is unavailable (EX_UNAVAILABLE).

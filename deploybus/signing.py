@@ -85,10 +85,12 @@ class SigningKey:
             # only verifies (an agent without a key) about 3 MB.
             from cryptography.hazmat.primitives import serialization
             key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load private key: {exc}", path=str(p)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read private key {p}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{p} is not a usable private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError("not an ed25519 private key", path=str(p))
+            raise ConfigError(f"{p} is not an ed25519 private key")
         return cls(name or p.stem, key)
 
     def save(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:

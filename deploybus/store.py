@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -121,10 +122,23 @@ class LogLine(Base):
 
 
 class Host(Base):
+    """What the host's keepalive last said: the release of each project there."""
+
     __tablename__ = "hosts"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class HostDaemon(Base):
+    """The last heartbeat of each daemon on each host (see deploybus.liveness)."""
+
+    __tablename__ = "host_daemons"
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    daemon: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    interval: Mapped[float] = mapped_column(Float)
+    version: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 def _aware(t: datetime) -> datetime:
@@ -290,13 +304,31 @@ class Store:
                                             "step": step, "text": text, "at": at}
                                            for step, text in lines])
 
-    def record_presence(self, name: str, info: dict[str, Any]) -> None:
+    def record_presence(self, name: str, info: dict[str, Any], *,
+                        daemon: str = "keepalive") -> None:
+        """A heartbeat of ``daemon`` on host ``name``; the keepalive's ``info``
+        (what runs there) is kept as the host's."""
+        now = utcnow()
+        interval = info.get("interval")
+        if isinstance(interval, bool) or not isinstance(interval, int | float) \
+                or not 0 < interval < 86400:
+            interval = 10.0
+        version = info.get("version")
         with self.session.begin() as s:
-            h = s.get(Host, name)
-            if h is None:
-                s.add(Host(name=name, last_seen=utcnow(), info=info))
+            d = s.get(HostDaemon, (name, daemon))
+            if d is None:
+                s.add(HostDaemon(host=name, daemon=daemon, last_seen=now,
+                                 interval=float(interval),
+                                 version=str(version)[:32] if version else None))
             else:
-                h.last_seen, h.info = utcnow(), info
+                d.last_seen, d.interval = now, float(interval)
+                d.version = str(version)[:32] if version else None
+            if daemon == "keepalive":
+                h = s.get(Host, name)
+                if h is None:
+                    s.add(Host(name=name, last_seen=now, info=info))
+                else:
+                    h.last_seen, h.info = now, info
 
     # -- reads (web, CLI) ----------------------------------------------------------
 
@@ -317,19 +349,47 @@ class Store:
             return [self._rollout_dict(r) for r in rows]
 
     def hosts(self) -> list[dict[str, Any]]:
+        """Every host any daemon was heard from: ``{name, last_seen, age, info,
+        daemons: {daemon: {last_seen, age, interval, version}}}``; ``info`` is
+        what its keepalive said (``{}`` if none did). Judge them with
+        :func:`deploybus.liveness.judge`."""
         with self.session() as s:
-            return [self._host_dict(h) for h in s.scalars(select(Host).order_by(Host.name))]
+            infos = {h.name: h for h in s.scalars(select(Host))}
+            daemons: dict[str, dict[str, dict[str, Any]]] = {}
+            for d in s.scalars(select(HostDaemon)):
+                daemons.setdefault(d.host, {})[d.daemon] = self._daemon_dict(d)
+        return [self._host_dict(name, infos.get(name), daemons.get(name, {}))
+                for name in sorted(set(infos) | set(daemons))]
 
     def host(self, name: str) -> dict[str, Any] | None:
-        """One host's presence record, or None if it was never seen."""
+        """One host's presence record, or None if no daemon of it was ever heard."""
         with self.session() as s:
             h = s.get(Host, name)
-            return self._host_dict(h) if h is not None else None
+            daemons = {d.daemon: self._daemon_dict(d) for d in
+                       s.scalars(select(HostDaemon).where(HostDaemon.host == name))}
+        if h is None and not daemons:
+            return None
+        return self._host_dict(name, h, daemons)
 
     @staticmethod
-    def _host_dict(h: Host) -> dict[str, Any]:
-        return {"name": h.name, "last_seen": _aware(h.last_seen).isoformat(),
-                "age": (utcnow() - _aware(h.last_seen)).total_seconds(), "info": h.info}
+    def _daemon_dict(d: HostDaemon) -> dict[str, Any]:
+        return {"last_seen": _aware(d.last_seen).isoformat(),
+                "age": (utcnow() - _aware(d.last_seen)).total_seconds(),
+                "interval": d.interval, "version": d.version}
+
+    @staticmethod
+    def _host_dict(name: str, h: Host | None,
+                   daemons: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        # A host heard only before daemons had their own heartbeats: its keepalive.
+        if h is not None and "keepalive" not in daemons:
+            daemons = daemons | {"keepalive": {
+                "last_seen": _aware(h.last_seen).isoformat(),
+                "age": (utcnow() - _aware(h.last_seen)).total_seconds(),
+                "interval": (h.info or {}).get("interval") or 10.0,
+                "version": (h.info or {}).get("version")}}
+        newest = min(daemons.values(), key=lambda d: d["age"])
+        return {"name": name, "last_seen": newest["last_seen"], "age": newest["age"],
+                "info": h.info if h is not None else {}, "daemons": daemons}
 
     @staticmethod
     def _rollout_dict(r: Rollout) -> dict[str, Any]:

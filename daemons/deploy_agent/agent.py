@@ -43,6 +43,7 @@ from deploybus.daemons.deploy_agent.journal import ACCEPTED, DONE, RUNNING, Jour
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
 from deploybus.errors import BusError, DeployBusError, LapsedError
+from deploybus.heartbeat import Heartbeat
 from deploybus.refs import check_name, check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
 
@@ -134,10 +135,15 @@ class DeployAgent(Service):
         self._stopping = False
         self._outbox: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue()
         self._unpublished: dict[str, dict[str, Any]] = {}
+        # acknowledgements the bus refused, sent again with the results
+        self._unsent_acks: dict[str, dict[str, Any]] = {}
         self._publisher = threading.Thread(target=self._publish_loop, daemon=True,
                                            name="agent-outbox")
         self._ticker = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                        name="agent-heartbeat")
+                                        name="agent-ticker")
+        # The agent's own presence: liveness says "agent down" when it stops.
+        self.heartbeat = Heartbeat(ctx, "agent", interval=hc.heartbeat, extra=self._busy,
+                                   log=self.log)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -152,7 +158,12 @@ class DeployAgent(Service):
         self.dispatcher.subscribe(topics.requests_for(self.ctx.host), self.on_request,
                                   queue=topics.agent_queue(self.ctx.host),
                                   types={"deploy.request"}, prefetch=1)
+        self.heartbeat.start()
         self.log.info("agent ready", root=str(self.root), state_dir=str(self.state_dir))
+
+    def _busy(self) -> dict[str, Any]:
+        with self._cond:
+            return {"deploying": {p: j.rollout for p, j in self._running.items()}}
 
     def recover(self) -> None:
         """Queue what a killed agent left unfinished; resend unpublished results."""
@@ -172,6 +183,7 @@ class DeployAgent(Service):
         """Stop taking requests, let running deploys finish within ``timeout``,
         report queued ones as not started, send what is left to send."""
         deadline = time.monotonic() + timeout
+        self.heartbeat.stop()
         self.dispatcher.close(timeout)
         with self._cond:
             self._stopping = True
@@ -187,7 +199,7 @@ class DeployAgent(Service):
         gitutil.close_resolvers()
 
     def healthy(self) -> bool:
-        return self._publisher.is_alive()
+        return self._publisher.is_alive() and self.heartbeat.alive()
 
     # -- events ------------------------------------------------------------------------------
 
@@ -229,7 +241,8 @@ class DeployAgent(Service):
                 item = carried.popleft()
             else:
                 try:
-                    item = self._outbox.get(timeout=RETRY_INTERVAL if self._unpublished else None)
+                    item = self._outbox.get(timeout=RETRY_INTERVAL if self._unpublished
+                                            or self._unsent_acks else None)
                 except queue.Empty:
                     item = ("retry", "", {})
             try:
@@ -242,9 +255,12 @@ class DeployAgent(Service):
                         self.ctx.stats.incr("progress_dropped")
                         self.log.warning("progress not sent", rollout=item[1], error=str(exc))
                     continue
+                if item is not None and item[0] == "deploy.ack":
+                    self._unsent_acks[item[1]] = item[2]
                 if item is not None and item[0] == "deploy.result":
                     self._unpublished[item[1]] = item[2]
-                if self._unpublished:
+                    self._unsent_acks.pop(item[1], None)  # a result says it all
+                if self._unpublished or self._unsent_acks:
                     self._send_results()
             except Exception:  # the outbox never dies silently: log and go on
                 self.log.exception("outbox error")
@@ -291,6 +307,14 @@ class DeployAgent(Service):
                                               f"({now - job.started:.0f}s since start)", None)
 
     def _send_results(self) -> None:
+        for rollout, ack in list(self._unsent_acks.items()):
+            try:
+                self.publish("deploy.progress", rollout, ack)
+            except BusError as exc:
+                self.log.warning("acknowledgement not sent yet; will retry", rollout=rollout,
+                                 error=str(exc), retry_in=RETRY_INTERVAL)
+                return
+            del self._unsent_acks[rollout]
         for rollout, result in list(self._unpublished.items()):
             try:
                 self.publish("deploy.result", rollout, result)
@@ -378,7 +402,30 @@ class DeployAgent(Service):
                    environment=environment, ref=ref, release=release, user=user, signer=signer)
         self.log.info(f"{action} accepted", rollout=rollout, project=project, ref=ref,
                       release=release, user=user, signer=signer)
-        self._enqueue(_Job(rollout, entry))
+        job = _Job(rollout, entry)
+        self.acknowledge(job, self._queue_note(project))
+        self._enqueue(job)
+
+    def _queue_note(self, project: str) -> str:
+        with self._cond:
+            ahead = ([self._running[project].rollout] if project in self._running else []) \
+                + [j.rollout for j in self._queues.get(project, ())]
+        return f"accepted; waiting for {', '.join(ahead)} to finish" if ahead else "accepted"
+
+    def acknowledge(self, job: _Job, message: str) -> None:
+        """Tell the orchestrator at once that the request is here: it fails a
+        host whose agent stays silent for the environment's ack_timeout.
+        Sent now rather than through the outbox (which holds progress back
+        to batch it); if the bus refuses, the outbox keeps it and tries again
+        with the results (unless the result goes first: it says more)."""
+        body = {k: v for k, v in job.base.items() if k != "request_id"} | {
+            "entries": [{"step": "accepted", "message": message, "lines": [], "at": _now()}]}
+        try:
+            self.publish("deploy.progress", job.rollout, body)
+        except BusError as exc:
+            self.log.warning("acknowledgement not sent; will retry", rollout=job.rollout,
+                             error=str(exc))
+            self._outbox.put(("deploy.ack", job.rollout, body))
 
     def answer_from_journal(self, env: Envelope, rollout: str, entry: dict[str, Any],
                             signer: str, action: str) -> None:
@@ -406,6 +453,7 @@ class DeployAgent(Service):
         else:
             self.log.info("request already accepted and in progress; not running it again",
                           rollout=rollout, id=env.id, state=state)
+            self.acknowledge(_Job(rollout, entry), "already accepted; in progress")
 
     def refuse(self, env: Envelope, rollout: str, reason: str, *, lapsed: bool = False) -> None:
         self.ctx.stats.incr("refused")

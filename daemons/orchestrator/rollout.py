@@ -2,10 +2,12 @@
 
 The hosts are split into phases by the strategy (canary, then batches).
 Inside a phase at most ``window`` hosts are in flight. A host counts as
-failed when it reports failure or refusal, when it was seen alive before but
-its heartbeats stopped (offline: it is reported, not waited on), when it
-shows no progress for ``stuck`` seconds, or when it does not answer within
-the environment's ``request_timeout``. Time the orchestrator spends cut off
+failed when it reports failure or refusal, when its agent was heard before
+but its heartbeats stopped (offline: it is reported, not waited on; see
+:mod:`deploybus.liveness`), when its agent does not acknowledge the request
+within the environment's ``ack_timeout`` (the request expires unread, so it
+never runs later), when it shows no progress for ``stuck`` seconds, or when
+it does not finish within ``request_timeout``. Time the orchestrator spends cut off
 from the broker does not count against a host: answer and stuck deadlines
 move back by the outage, a host is judged offline only on silence the
 orchestrator was connected to hear, and a host that refused its request
@@ -14,7 +16,10 @@ asked anew (at most MAX_REASK times; a refused request was never applied).
 Once more than ``max_failures`` hosts
 have failed no new host is started; hosts still in flight are waited for,
 the rest are marked skipped, and with ``auto_rollback`` the hosts this
-rollout switched are switched back to the release they had.
+rollout switched are switched back to the release they had. The rollout
+ends ``succeeded`` only if every host succeeded, ``partial`` if it went
+through with some failures within ``max_failures``, ``failed`` if it halted
+or no host succeeded (:func:`deploybus.states.outcome`).
 
 Everything needed to go on is in the store: a restarted orchestrator
 resumes from the host steps, asks hosts still marked ``requested`` again (the
@@ -30,14 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from deploybus import topics
 from deploybus.haproxy import HAProxy, HAProxyError
-from deploybus.store import SETTLED_STEPS
+from deploybus.liveness import HostLiveness, judge
+from deploybus.states import FAILED_STEPS, SETTLED_STEPS, outcome
 from deploybus.strategy import Strategy
 
 if TYPE_CHECKING:
     from deploybus.daemons.orchestrator.service import Orchestrator
-
-#: A host whose last heartbeat is older than this many intervals is offline.
-OFFLINE_AFTER_BEATS = 3
 
 #: How often a host whose request lapsed during a broker outage is asked anew.
 MAX_REASK = 3
@@ -45,7 +48,8 @@ MAX_REASK = 3
 #: Seconds an automatic rollback waits for each host.
 ROLLBACK_TIMEOUT = 300.0
 
-FAILED_STATES = frozenset({"failed", "refused", "offline"})
+#: Seconds beyond ``ack_timeout`` allowed for an acknowledgement to travel back.
+ACK_GRACE = 1.0
 
 
 class Stopping(Exception):
@@ -56,7 +60,8 @@ class RolloutRun:
     """See the module docstring."""
 
     def __init__(self, orch: Orchestrator, record: dict[str, Any], strategy: Strategy,
-                 request_timeout: float, haproxy: HAProxy | None = None) -> None:
+                 request_timeout: float, haproxy: HAProxy | None = None, *,
+                 ack_timeout: float = 30.0) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
         self._settled: set[str] = set()
         self._excused = orch.ctx.bus.links.excused()
@@ -73,6 +78,9 @@ class RolloutRun:
         self.hosts: list[str] = [h["host"] for h in record["hosts"]]
         self.strategy = strategy
         self.request_timeout = request_timeout
+        self.ack_timeout = ack_timeout
+        # host -> when its agent must have acknowledged (monotonic)
+        self._ack_by: dict[str, float] = {}
         self.haproxy = haproxy
         self.paused = record["state"] == "paused"
         self.abort_reason: str | None = None
@@ -83,17 +91,24 @@ class RolloutRun:
     # -- control (called from the orchestrator's handler thread) -----------------------
 
     def control(self, action: str, actor: str) -> str:
+        """Apply ``action``; returns what it did, for whoever asked."""
         with self.cond:
             if action == "pause":
+                done = "already paused" if self.paused else \
+                    "pausing: hosts in flight finish, no more start"
                 self.paused = True
             elif action == "resume":
+                done = "resumed" if self.paused else "it was not paused; nothing to resume"
                 self.paused = False
             elif action == "promote":
+                done = "promoted: the batches after the canary go on" if not self.promoted \
+                    else "already promoted"
                 self.promoted, self.paused = True, False
-            elif action == "abort":
+            else:  # abort
+                done = "aborting: hosts in flight finish, the rest are skipped"
                 self.abort_reason = f"aborted by {actor}"
             self.cond.notify_all()
-        return action
+        return done
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -105,12 +120,22 @@ class RolloutRun:
             raise Stopping
 
     def _offline(self, host: str) -> str | None:
-        h = self.store.host(host)
-        if h is None:
-            return None  # never seen: ask anyway; the request expires if nobody takes it
-        limit = (h["info"].get("interval", 10) or 10) * OFFLINE_AFTER_BEATS
-        if h["age"] <= limit:
+        """Why ``host`` cannot deploy now (its agent's heartbeats stopped, or
+        everything on it went silent), or None to ask it. A host whose agent
+        was never heard from is asked anyway while something else on it is
+        alive: the acknowledgement deadline tells a silent agent."""
+        def blocked() -> HostLiveness | None:
+            h = self.store.host(host)
+            live = judge(host, h["daemons"] if h else None)
+            if live.can_deploy or live.verdict == "never seen" \
+                    or "agent" not in live.daemons and live.verdict != "down":
+                return None
+            return live
+
+        live = blocked()
+        if live is None:
             return None
+        limit = max(d.limit for d in live.daemons.values())
         # An old heartbeat only means something if we were listening: after a
         # broker outage (or our own start) give the host `limit` seconds of
         # connected time to be heard before calling it offline, counted from
@@ -118,12 +143,10 @@ class RolloutRun:
         links = self.orch.ctx.bus.links
         while links.heard_for() < limit:
             self._wait(lambda: False, min(0.5, max(0.05, limit - links.heard_for())))
-            h = self.store.host(host) or h
-            if h["age"] <= limit:
+            live = blocked()
+            if live is None:
                 return None  # heard again: no need to wait out the rest
-        if h["age"] > limit:
-            return f"host offline: last heartbeat {h['age']:.0f}s ago"
-        return None
+        return f"{'host down' if live.verdict == 'down' else live.verdict}: {live.detail}"
 
     def _outage_lag(self) -> float:
         """Seconds since the last call in which no answer could arrive (the
@@ -139,6 +162,8 @@ class RolloutRun:
         if lag > 0:
             for host in deadlines:
                 deadlines[host] += lag
+                if host in self._ack_by:
+                    self._ack_by[host] += lag
             self.orch.postpone(rollout, deadlines, lag)
 
     def _request(self, host: str, *, rollout: str, action: str, release: str | None,
@@ -167,8 +192,10 @@ class RolloutRun:
 
         self.orch.send_many(messages, before=record)
         down = self.orch.ctx.bus.links.downtime()
+        ack_by = time.monotonic() + self.ack_timeout + ACK_GRACE
         for host in hosts:
             self._asked_at[host] = down
+            self._ack_by[host] = ack_by
 
     # -- the run -----------------------------------------------------------------------
 
@@ -189,7 +216,7 @@ class RolloutRun:
 
     def _run(self) -> None:
         steps = self.store.steps(self.id)
-        failures = sum(1 for s in steps.values() if s["state"] in FAILED_STATES)
+        failures = sum(1 for s in steps.values() if s["state"] in FAILED_STEPS)
         # Hosts settled so far (before a restart too): counted here, not by
         # reading every step back from the store after each host.
         self._settled = {h for h, s in steps.items() if s["state"] in SETTLED_STEPS}
@@ -209,25 +236,36 @@ class RolloutRun:
         for host, st in steps.items():
             if st["state"] not in SETTLED_STEPS:
                 self.store.set_step(self.id, host, state="skipped")
+                st["state"] = "skipped"
+        self._finish(steps, failures)
+
+    def _finish(self, steps: dict[str, dict[str, Any]], failures: int) -> None:
+        """The rollout's final state, with a reason that names the failed hosts."""
         ok = sum(1 for s in steps.values() if s["state"] == "succeeded")
+        failed = [h for h, s in steps.items() if s["state"] in FAILED_STEPS]
+        counts = {"succeeded": ok, "failed": failures, "total": len(steps),
+                  "failed_host": failed[0] if failed else None}
+        first = f"; {failed[0]}: {steps[failed[0]]['state']}: {steps[failed[0]]['message']}" \
+            if failed else ""
         if self.abort_reason:
-            self._maybe_rollback()
-            self.orch.status(self.id, "aborted", self.abort_reason, succeeded=ok,
-                             failed=failures)
-        elif failures > self.strategy.max_failures:
-            steps = self.store.steps(self.id)
-            failed = [h for h, s in steps.items() if s["state"] in FAILED_STATES]
-            reason = (f"halted: {failures} host(s) failed (max_failures "
-                      f"{self.strategy.max_failures}): {', '.join(failed)}")
-            if failed:
-                first = steps[failed[0]]
-                reason += f"; {failed[0]}: {first['state']}: {first['message']}"
+            self.orch.status(self.id, "aborted", self.abort_reason,
+                             rolled_back=self._maybe_rollback(), **counts)
+            return
+        halted = failures > self.strategy.max_failures
+        state = outcome((s["state"] for s in steps.values()), halted=halted)
+        rolled: dict[str, str] = {}
+        if halted:
+            reason: str | None = (f"halted: {failures} host(s) failed (max_failures "
+                                  f"{self.strategy.max_failures}): {', '.join(failed)}{first}")
             rolled = self._maybe_rollback()
-            self.orch.status(self.id, "failed", reason, failed_host=failed[0] if failed else None,
-                             succeeded=ok, failed=failures, rolled_back=rolled)
+        elif state == "failed":
+            reason = f"no host succeeded: {', '.join(failed) or 'none'} failed{first}"
+        elif state == "partial":
+            reason = (f"{ok} of {len(steps)} hosts succeeded; {', '.join(failed)} failed "
+                      f"(within max_failures {self.strategy.max_failures}){first}")
         else:
-            self.orch.status(self.id, "succeeded", None, succeeded=ok, failed=failures,
-                             hosts=self.hosts)
+            reason = None
+        self.orch.status(self.id, state, reason, rolled_back=rolled, hosts=self.hosts, **counts)
 
     def _phase(self, index: int, todo: list[str], failures_before: int) -> int:
         """Run one phase; returns the number of hosts that failed in it."""
@@ -268,7 +306,7 @@ class RolloutRun:
                                  state="requested")
             if starting:
                 self._request_many(starting, rollout=self.id, action=self.action,
-                                   release=self.target_release, ttl=self.request_timeout)
+                                   release=self.target_release, ttl=self.ack_timeout)
             self._credit_outage(inflight, self.id)
             for host in starting:
                 inflight[host] = time.monotonic() + self.request_timeout
@@ -291,11 +329,15 @@ class RolloutRun:
                                        f"asked again: {result.get('reason')} during a broker "
                                        "outage")
                     self._request_many([host], rollout=self.id, action=self.action,
-                                       release=self.target_release, ttl=self.request_timeout)
+                                       release=self.target_release, ttl=self.ack_timeout)
                     inflight[host] = time.monotonic() + self.request_timeout
                     continue
                 if result is None:
-                    if inflight[host] <= now:
+                    if not self.orch.acked(self.id, host) and self._ack_by.get(host, now) <= now:
+                        result = {"status": "failed", "reason":
+                                  f"agent not answering: no acknowledgement from {host} within "
+                                  f"{self.ack_timeout:.0f}s (the request expires unread)"}
+                    elif inflight[host] <= now:
                         result = {"status": "failed", "reason":
                                   f"no answer from {host} within {self.request_timeout:.0f}s"}
                     elif self._deadline(host, inflight[host]) <= now:
@@ -326,7 +368,10 @@ class RolloutRun:
 
     def _deadline(self, host: str, request_deadline: float) -> float:
         last = self.orch.last_progress(self.id, host)
-        return min(request_deadline, last + self.strategy.stuck)
+        deadline = min(request_deadline, last + self.strategy.stuck)
+        if not self.orch.acked(self.id, host) and host in self._ack_by:
+            deadline = min(deadline, self._ack_by[host])
+        return deadline
 
     def _settle(self, host: str, result: dict[str, Any], phase: int) -> None:
         state = str(result.get("status"))

@@ -42,6 +42,9 @@ LOCK_TTL = 6 * 3600
 
 CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
 
+#: Daemons whose heartbeats count towards a host's liveness (deploybus.liveness).
+PRESENCE_DAEMONS = ("agent", "fetcher", "keepalive")
+
 
 def _log_text(entry: dict[str, Any]) -> str:
     text = str(entry.get("message", ""))
@@ -68,6 +71,8 @@ class Orchestrator(Service):
         self._expected: set[tuple[str, str]] = set()
         self._results: dict[tuple[str, str], dict[str, Any]] = {}
         self._progress: dict[tuple[str, str], float] = {}
+        # (rollout, host) whose agent has said anything since it was last asked
+        self._acked: set[tuple[str, str]] = set()
         # (rollout, host) -> id of the latest request sent: a refusal of an
         # older one (a stale redelivery) answers nothing
         self._sent: dict[tuple[str, str], str] = {}
@@ -155,7 +160,13 @@ class Orchestrator(Service):
     def expect(self, rollout: str, host: str) -> None:
         with self.cond:
             self._expected.add((rollout, host))
+            self._acked.discard((rollout, host))
             self._progress[(rollout, host)] = time.monotonic()
+
+    def acked(self, rollout: str, host: str) -> bool:
+        """The agent of ``host`` has said something of ``rollout`` (its
+        acknowledgement, progress or result) since it was last asked."""
+        return (rollout, host) in self._acked
 
     def sent(self, rollout: str, host: str, request_id: str) -> None:
         with self.cond:
@@ -190,6 +201,7 @@ class Orchestrator(Service):
             for key in [k for k in self._expected if k[0] in (run.id, f"{run.id}.rb")]:
                 self._expected.discard(key)
                 self._progress.pop(key, None)
+            self._acked = {k for k in self._acked if k[0] not in (run.id, f"{run.id}.rb")}
             for key in [k for k in self._sent if k[0] in (run.id, f"{run.id}.rb")]:
                 del self._sent[key]
 
@@ -203,7 +215,7 @@ class Orchestrator(Service):
                                     rollout_id=record["id"])
             return
         run = RolloutRun(self, record, Strategy.parse(record.get("strategy") or {}),
-                         ec.request_timeout, ec.haproxy)
+                         ec.request_timeout, ec.haproxy, ack_timeout=ec.ack_timeout)
         with self.cond:
             self.runs[run.id] = run
         run.thread.start()
@@ -337,30 +349,46 @@ class Orchestrator(Service):
         self._launch(record)
 
     def on_control(self, env: Envelope, _d: Delivery) -> None:
+        """Pause, resume, promote or abort a rollout running here. Every
+        control message gets a signed answer on ``deploy.status`` naming its
+        id (``control_id``): ``control_done`` with what happened, or
+        ``control_refused`` with why; ``deploybus pause|resume|promote|abort``
+        waits for it."""
         body = env.body
         rollout, action = body.get("rollout"), body.get("action")
         user = str(body.get("user") or env.sender)[:128]
-        if not isinstance(rollout, str) or action not in CONTROL_ACTIONS:
-            raise DeployBusError(f"control needs a rollout and one of {CONTROL_ACTIONS}")
-        record = self.store.rollout(rollout)
+        record = None
         try:
+            if not isinstance(rollout, str) or action not in CONTROL_ACTIONS:
+                raise DeployBusError(f"a control message needs a rollout id and one of "
+                                     f"{', '.join(CONTROL_ACTIONS)}")
+            rollout = check_name(rollout, "rollout id")
+            record = self.store.rollout(rollout)
             if record is None:
-                raise DeployBusError(f"no rollout {rollout!r}")
+                raise DeployBusError(f"no rollout {rollout!r} is known")
             signer = self.verifier.verify(env, project=record["project"],
                                           environment=record["environment"])
             run = self.runs.get(rollout)
             if run is None:
-                raise DeployBusError(f"rollout {rollout} is {record['state']}, not running here")
+                raise DeployBusError(f"rollout {rollout} is {record['state']}; only a running "
+                                     f"or paused rollout can be steered")
         except DeployBusError as exc:
             self.log.warning("control refused", rollout=rollout, action=action, reason=str(exc))
-            self.send(topics.STATUS, "deploy.rollout.status",
-                      {"rollout": rollout, "state": record["state"] if record else "unknown",
-                       "control": action, "control_refused": str(exc)}, correlation=rollout)
+            if isinstance(rollout, str) and rollout:
+                self.send(topics.STATUS, "deploy.rollout.status",
+                          {"rollout": rollout[:64],
+                           "state": record["state"] if record else "unknown",
+                           "control": str(action)[:16], "control_id": env.id,
+                           "control_refused": str(exc)}, correlation=rollout[:64])
             return
-        run.control(action, user)
+        done = run.control(action, user)
         self.store.audit(actor=signer, action=action, project=record["project"],
                          environment=record["environment"], rollout_id=rollout, user=user)
-        self.log.info("rollout control", rollout=rollout, action=action, user=user)
+        self.store.add_log(rollout, "-", "control", f"{action} by {user}: {done}")
+        self.log.info("rollout control", rollout=rollout, action=action, user=user, done=done)
+        self.send(topics.STATUS, "deploy.rollout.status",
+                  {"rollout": rollout, "state": record["state"], "control": action,
+                   "control_id": env.id, "control_done": done}, correlation=rollout)
 
     def on_event(self, env: Envelope, _d: Delivery) -> None:
         body = env.body
@@ -372,6 +400,8 @@ class Orchestrator(Service):
             with self.cond:
                 if key in self._progress:
                     self._progress[key] = time.monotonic()
+                if key in self._expected:
+                    self._acked.add(key)
                     self.cond.notify_all()
         if env.type == "deploy.progress" or "entries" in body:
             # a result may carry the deploy's last progress entries
@@ -388,6 +418,8 @@ class Orchestrator(Service):
                     self.cond.notify_all()
 
     def on_presence(self, env: Envelope, _d: Delivery) -> None:
-        host = env.body.get("host")
-        if isinstance(host, str):
-            self.store.record_presence(host, env.body)
+        host, daemon = env.body.get("host"), env.body.get("daemon", "keepalive")
+        if not isinstance(host, str) or daemon not in PRESENCE_DAEMONS:
+            raise DeployBusError(f"presence needs a host and one of {PRESENCE_DAEMONS} as "
+                                 f"daemon, got {daemon!r:.40}")
+        self.store.record_presence(check_name(host, "host"), env.body, daemon=daemon)

@@ -16,6 +16,7 @@ from deploybus.bus import Delivery
 from deploybus.dispatch import Dispatcher
 from deploybus.envelope import Envelope
 from deploybus.errors import DeployBusError
+from deploybus.heartbeat import Heartbeat
 from deploybus.runner import STOP_GRACE, Context, Service
 
 
@@ -26,6 +27,8 @@ class RepoFetcher(Service):
         super().__init__(ctx)
         self.state_dir = ctx.config.host(ctx.host).state_dir
         self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats)
+        self.heartbeat = Heartbeat(ctx, "fetcher", interval=ctx.config.host(ctx.host).heartbeat,
+                                   log=self.log)
 
     def served(self) -> dict[str, str]:
         return {p.name: p.git for p in self.ctx.config.projects_for_host(self.ctx.host)}
@@ -43,13 +46,18 @@ class RepoFetcher(Service):
 
     def start(self) -> None:
         gitutil.no_prompts()
+        self.heartbeat.start()  # alive while the first fetches run, however long
         for project in self.served():
             self.fetch(project)
         self.dispatcher.subscribe(topics.GIT_COMMITS, self.on_push,
                                   queue=topics.fetcher_queue(self.ctx.host), types={"git.push"})
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
+        self.heartbeat.stop()
         self.dispatcher.close(timeout)
+
+    def healthy(self) -> bool:
+        return self.heartbeat.alive()
 
     def on_push(self, env: Envelope, _d: Delivery) -> None:
         project = env.body.get("project")

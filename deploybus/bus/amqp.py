@@ -9,6 +9,11 @@ Publishing uses publisher confirms, so a publish that returns is on the
 broker. Each subscription owns a connection and a thread that drains it,
 reconnecting with capped backoff; the handler runs on that thread and must
 settle the message there.
+
+A broker that refuses the user, password, vhost or a permission raises
+:class:`BusAuthError` at once, from every call: retrying will not help. Only
+a subscription that was already consuming goes on retrying (with the
+refusal logged as an error): its password may be rotated back.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
+import amqp.exceptions
 import kombu
 import kombu.exceptions
 
@@ -32,8 +38,9 @@ from deploybus.bus.base import (
     Transport,
     check_topic,
     get_logger,
+    refused,
 )
-from deploybus.errors import BusConnectionError
+from deploybus.errors import BusAuthError, BusConnectionError
 
 log = get_logger("deploybus.bus.amqp")
 
@@ -44,6 +51,14 @@ DRAIN_TIMEOUT = 0.25
 #: Errors kombu raises besides the transport's own connection/channel errors.
 _DRIVER_ERRORS = (OSError, kombu.exceptions.OperationalError)
 
+#: Errors that mean the broker refused us, not that it is away (see
+#: :class:`BusAuthError`): 403 ACCESS_REFUSED (login refused, or no permission
+#: on an exchange or queue), 530 NOT_ALLOWED (unknown vhost, or no access to
+#: it) and 402 INVALID_PATH (the spec's unknown vhost). Not 320
+#: CONNECTION_FORCED: that is a broker shutting down or an operator closing
+#: connections, an outage like any other.
+_AUTH_ERRORS = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed,
+                amqp.exceptions.InvalidPath)
 
 
 class _Sub(Subscription):
@@ -53,6 +68,12 @@ class _Sub(Subscription):
         self.prefetch = max(1, prefetch)
         self.stop = threading.Event()
         self.ready = threading.Event()
+        #: Set once subscribe() may return: consuming, or refused for good.
+        self.settled = threading.Event()
+        #: Why the first connect was refused (subscribe() raises it).
+        self.refusal: BusAuthError | None = None
+        self._handed_over = False  # subscribe() has returned (or given up waiting)
+        self._lock = threading.Lock()
         t.links.down(self)  # until it consumes
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"amqp-sub-{queue or topic}")
@@ -82,12 +103,31 @@ class _Sub(Subscription):
                 with consumer:
                     backoff.reset()
                     self.ready.set()
+                    self.settled.set()
                     self.t.links.up(self)
                     while not self.stop.is_set():
                         try:
                             conn.drain_events(timeout=DRAIN_TIMEOUT)
                         except TimeoutError:
                             conn.heartbeat_check()
+            except _AUTH_ERRORS as exc:
+                self.ready.clear()
+                if self.stop.is_set():
+                    break
+                error = self.t._refused(exc)
+                with self._lock:
+                    # Final while subscribe() waits for the first connect;
+                    # once it has returned, nobody could be told: retry.
+                    final = not self._handed_over and not self.settled.is_set()
+                    if final:
+                        self.refusal = error
+                        self.settled.set()
+                if final:
+                    return
+                self.t.links.down(self)
+                log.error("amqp broker refused the consumer; retrying", topic=self.topic,
+                          queue=self.queue, error=str(error), retry_in=round(backoff.delay, 2))
+                backoff.wait()
             except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self.ready.clear()
                 if self.stop.is_set():
@@ -102,6 +142,14 @@ class _Sub(Subscription):
                     conn.release()
                 except Exception:  # noqa: BLE001 - already broken
                     pass
+
+    def hand_over(self) -> BusAuthError | None:
+        """Called by subscribe() when it stops waiting: from now on a refusal
+        is retried, not reported. Returns the refusal of the first connect,
+        if that is what ended the wait."""
+        with self._lock:
+            self._handed_over = True
+            return self.refusal
 
     def _on_message(self, message: Any) -> None:
         info = message.delivery_info or {}
@@ -150,6 +198,8 @@ class AmqpTransport(Transport):
         self.prefix = q.pop("prefix", "")
         self.heartbeat = int(q.pop("heartbeat", "30"))
         self.broker_url = parts._replace(query="").geturl()
+        #: The vhost as kombu reads it from the path ("/" when there is none).
+        self.vhost = unquote(parts.path[1:]) or "/"
         self.client_name = client_name
         self.exchange = kombu.Exchange("amq.topic", type="topic", durable=True, no_declare=True)
         self._pub_lock = threading.Lock()
@@ -165,6 +215,10 @@ class AmqpTransport(Transport):
                                 transport_options={"confirm_publish": True,
                                                    "client_properties": {
                                                        "connection_name": self.client_name}})
+
+    def _refused(self, exc: Any) -> BusAuthError:
+        """``exc`` (one of :data:`_AUTH_ERRORS`) as the error to raise."""
+        return refused(self.url, self.vhost, f"({exc.reply_code}) {exc.reply_text}")
 
     def _errback(self, exc: Exception, interval: float) -> None:
         log.warning("amqp publish: broker unreachable; retrying", error=str(exc),
@@ -188,6 +242,9 @@ class AmqpTransport(Transport):
                                   "interval_step": 0.5, "interval_max": 2,
                                   "errback": self._errback},
                 )
+            except _AUTH_ERRORS as exc:  # kombu does not retry these: nor do we
+                self._drop_pub()
+                raise self._refused(exc) from None
             except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self._drop_pub()
                 raise BusConnectionError(f"publish to {topic!r} failed: {exc}") from None
@@ -211,6 +268,8 @@ class AmqpTransport(Transport):
                 try:
                     self._commit_batch(routed)
                     return
+                except BusAuthError:
+                    raise
                 except BusConnectionError:
                     if fresh:
                         raise
@@ -242,6 +301,8 @@ class AmqpTransport(Transport):
                 conn.release()
             except Exception:  # noqa: BLE001 - already broken
                 pass
+            if isinstance(exc, _AUTH_ERRORS):
+                raise self._refused(exc) from None
             raise BusConnectionError(f"batch publish of {len(routed)} messages failed: "
                                      f"{exc}") from None
 
@@ -267,8 +328,13 @@ class AmqpTransport(Transport):
         check_topic(topic, pattern=queue is None)
         sub = _Sub(self, topic, handler, queue, prefetch)
         self._subs.append(sub)
-        if not sub.ready.wait(30):
+        if not sub.settled.wait(30):
             log.warning("subscribed while disconnected; will consume on reconnect", topic=topic)
+        refusal = sub.hand_over()
+        if refusal is not None:
+            sub.cancel()
+            self._subs.remove(sub)
+            raise refusal from None
         return sub
 
     def declare(self, topic: str, queue: str) -> None:
@@ -286,6 +352,9 @@ class AmqpTransport(Transport):
                     conn.ensure_connection(max_retries=3)
                     self._producer = conn.Producer(serializer=None)
                 q(self._producer.channel).declare()
+            except _AUTH_ERRORS as exc:
+                self._drop_pub()
+                raise self._refused(exc) from None
             except conn.connection_errors + conn.channel_errors + _DRIVER_ERRORS as exc:
                 self._drop_pub()
                 raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None

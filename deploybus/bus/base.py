@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from deploybus.errors import BusAuthError
+
 #: How many unacknowledged messages a subscription may hold by default.
 DEFAULT_PREFETCH = 10
 
@@ -102,6 +104,17 @@ class _LazyLog:
 def get_logger(name: str) -> Any:
     """The bus modules' logger (see :class:`_LazyLog`)."""
     return _LazyLog(name)
+
+
+def refused(url: str, vhost: str, detail: str) -> BusAuthError:
+    """The error for a broker that refused our credentials, vhost or
+    permissions, worded alike on every transport: it names the broker (the
+    URL with its password redacted, vhost and query kept) and the vhost, so
+    that a person can tell which ``bus.url`` to fix. ``detail`` is the
+    broker's own reason."""
+    from deploybus.bus import redact  # the package imports this module first
+    return BusAuthError(f"broker {redact(url)} refused the connection (vhost {vhost!r}): "
+                        f"{detail.rstrip('. ')}; check the user, password and vhost in bus.url")
 
 
 #: The longest wait between two reconnect attempts (:class:`Backoff`'s cap).

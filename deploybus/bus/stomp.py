@@ -18,6 +18,12 @@ Destinations, by flavour (see docs/architecture.md, "The bus"):
 Publishing asks for a RECEIPT and waits for it, so a publish that returns is
 on the broker. A supervisor thread reconnects with capped backoff and
 resubscribes; acks for messages from a dropped connection are skipped.
+
+An ERROR frame before CONNECTED is the broker refusing the user, password or
+vhost (:class:`BusAuthError`). Before the transport has ever connected that
+is final: every call raises it at once and the supervisor stops. After that,
+it is retried like an outage, logged as an error (a password may be rotated
+back).
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ from deploybus.bus.base import (
     Transport,
     check_topic,
     get_logger,
+    refused,
 )
-from deploybus.errors import BusConnectionError, BusError
+from deploybus.errors import BusAuthError, BusConnectionError, BusError
 
 log = get_logger("deploybus.bus.stomp")
 
@@ -64,6 +71,10 @@ CONNECT_TIMEOUT = 10.0
 
 #: How long publish() waits for a connection and the broker's receipt.
 PUBLISH_TIMEOUT = 30.0
+
+#: Seconds between two looks, while a call waits for the connection, at
+#: whether the first connect was refused for good (then it raises at once).
+REFUSAL_CHECK = 0.1
 
 
 class _Sub(Subscription):
@@ -134,10 +145,15 @@ class _Listener(stomp.ConnectionListener):
     def __init__(self, transport: StompTransport, gen: int) -> None:
         self.t, self.gen = transport, gen
         self.connected = threading.Event()
+        #: Set on CONNECTED, or on an ERROR frame before it.
+        self.answered = threading.Event()
+        #: The ERROR frame that came instead of CONNECTED: the broker refused us.
+        self.refusal: Any = None
 
     def on_connected(self, frame: Any) -> None:
         self.t._server = frame.headers.get("server", "")
         self.connected.set()
+        self.answered.set()
 
     def on_message(self, frame: Any) -> None:
         sub = self.t._subs.get(frame.headers.get("subscription", ""))
@@ -150,6 +166,10 @@ class _Listener(stomp.ConnectionListener):
             waiter.set()
 
     def on_error(self, frame: Any) -> None:
+        if not self.connected.is_set():
+            self.refusal = frame  # _connect_once raises it
+            self.answered.set()
+            return
         log.warning("broker error frame", message=frame.headers.get("message"),
                     body=(frame.body[:300] if frame.body else None))
 
@@ -189,6 +209,9 @@ class StompTransport(Transport):
         self._connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._ever_connected = False
+        #: Why the first connect was refused, for good: every call raises it.
+        self._refusal: BusAuthError | None = None
         self._subs: dict[str, _Sub] = {}
         self._receipts: dict[str, threading.Event] = {}
         self._supervisor: threading.Thread | None = None
@@ -212,6 +235,18 @@ class StompTransport(Transport):
             try:
                 self._connect_once()
                 backoff.reset()
+            except BusAuthError as exc:
+                if not self._ever_connected:
+                    # Wrong from the start: no retry will help. _ready() sees
+                    # it and ends every wait for the connection.
+                    self._refusal = exc
+                    log.error("stomp broker refused the connection; giving up",
+                              host=self.host, port=self.port, error=str(exc))
+                    return
+                log.error("stomp broker refused the connection; retrying", host=self.host,
+                          port=self.port, error=str(exc), retry_in=round(backoff.delay, 2))
+                if not backoff.wait():
+                    return
             except Exception as exc:  # noqa: BLE001 - any driver error means "retry"
                 log.warning("stomp connect failed; retrying", host=self.host, port=self.port,
                             error=str(exc) or type(exc).__name__, retry_in=round(backoff.delay, 2))
@@ -233,9 +268,15 @@ class StompTransport(Transport):
         # blocking connect would wait for CONNECTED forever.
         conn.connect(self.user, self.password, wait=False,
                      headers={"client-id": f"{self.client_name}-{uuid.uuid4().hex[:8]}"})
-        if not listener.connected.wait(CONNECT_TIMEOUT):
+        if not listener.answered.wait(CONNECT_TIMEOUT):
             threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()
             raise BusConnectionError(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
+        if listener.refusal is not None:
+            with self._lock:
+                if gen == self._gen:
+                    self._gen += 1  # its end is no "connection lost"
+            threading.Thread(target=self._quiet_disconnect, args=(conn,), daemon=True).start()
+            raise self._refused(listener.refusal)
         with self._lock:
             if gen != self._gen:
                 raise BusConnectionError("connection replaced while connecting")
@@ -252,9 +293,18 @@ class StompTransport(Transport):
             if gen != self._gen:
                 raise BusConnectionError("connection lost while subscribing")
             self._connected.set()
+            self._ever_connected = True
         self.links.up(self)
         log.info("stomp connected", host=self.host, port=self.port, server=self._server,
                  subscriptions=len(self._subs))
+
+    def _refused(self, frame: Any) -> BusAuthError:
+        """The ERROR frame that came instead of CONNECTED, as the error to raise."""
+        body = frame.body or b""
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        text = " ".join(text.split())[:300]
+        reason = frame.headers.get("message") or "ERROR frame"
+        return refused(self.url, self.vhost, f"{reason}: {text}" if text else reason)
 
     def _lost(self, gen: int) -> None:
         with self._lock:
@@ -278,9 +328,17 @@ class StompTransport(Transport):
 
     def _ready(self, timeout: float) -> stomp.Connection12:
         self._start()
-        if not self._connected.wait(timeout):
-            raise BusConnectionError(f"no STOMP connection to {self.host}:{self.port} "
-                                     f"within {timeout:.0f}s")
+        deadline = time.monotonic() + timeout
+        # In short waits: a refusal of the first connect is final (see
+        # _supervise) and ends the wait at once.
+        while not self._connected.is_set():
+            if self._refusal is not None:
+                raise BusAuthError(str(self._refusal)) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BusConnectionError(f"no STOMP connection to {self.host}:{self.port} "
+                                         f"within {timeout:.0f}s")
+            self._connected.wait(min(REFUSAL_CHECK, left))
         conn = self._conn
         if conn is None:
             raise BusConnectionError("STOMP connection dropped")
@@ -419,6 +477,9 @@ class StompTransport(Transport):
             # Wait for the first connection so a subscriber is live on return.
             try:
                 self._ready(PUBLISH_TIMEOUT)
+            except BusAuthError:
+                sub.cancel()
+                raise
             except BusConnectionError:
                 log.warning("subscribed while disconnected; will subscribe on reconnect",
                             topic=topic)

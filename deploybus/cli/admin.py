@@ -48,14 +48,24 @@ def config_group() -> None:
 @click.argument("file", required=False)
 @pass_state
 def config_check(state: State, file: str | None) -> None:
-    """Check FILE (default: --config) and say what it defines."""
+    """Check FILE (default: --config) and the key files it names; say what it defines.
+
+    Exits 78 with the file, line and key of the first error: a key that
+    cannot be read is found here, not by the first deploy.
+    """
     path = file or state.config_path
     try:
         cfg = configmod.load(path)
+        key = cfg.load_signing_key() if cfg.signing_key is not None else None
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
         sys.exit(EXIT_CONFIG)
     from deploybus.bus import redact
+    from deploybus.signing import key_id
+    if key is not None and key.id not in {key_id(k) for k in cfg.trusted.values()}:
+        click.echo(f"{path}: warning: the public key of keys.signing ({cfg.signing_key}) is "
+                   f"not in keys.trusted here; whoever must believe what it signs needs its "
+                   f".pub in their keys.trusted", err=True)
     click.echo(f"{path}: ok: bus {redact(cfg.bus_url)}, {len(cfg.projects)} project(s), "
                f"{len(cfg.environments)} environment(s), "
                f"{len({h for e in cfg.environments.values() for h in e.hosts})} host(s), "

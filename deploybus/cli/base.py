@@ -18,7 +18,7 @@ import click
 from deploybus import __version__
 from deploybus import config as configmod
 from deploybus.errors import BusError, ConfigError, DeployBusError
-from deploybus.exits import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE
+from deploybus.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 
 if TYPE_CHECKING:
     from deploybus.runner import Context, Service
@@ -45,7 +45,39 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group()
+def explain(exc: DeployBusError, config_path: str | None = None) -> tuple[str, int]:
+    """What to tell a person about ``exc``, and the exit code: the CLI's one
+    boundary for deploybus errors, so no command prints a traceback for a
+    user error (a wrong key path, a refused password, a broker that is down)."""
+    from deploybus.errors import BusAuthError
+    if isinstance(exc, ConfigError):
+        return f"deploybus: config error: {exc}", EXIT_CONFIG
+    if isinstance(exc, BusAuthError):
+        where = f" (config: {config_path})" if config_path else ""
+        return f"deploybus: {exc}{where}", EXIT_CONFIG
+    if isinstance(exc, BusError):
+        return f"deploybus: bus unavailable: {exc}", EXIT_UNAVAILABLE
+    from deploybus.store import StoreError  # SQLAlchemy: only when it was raised
+    if isinstance(exc, StoreError):
+        return f"deploybus: {exc}", EXIT_UNAVAILABLE
+    return f"deploybus: {exc}", EXIT_FAILURE
+
+
+class Group(click.Group):
+    """The ``deploybus`` group: a deploybus error any subcommand lets through
+    becomes a message and a named exit code (:func:`explain`)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except DeployBusError as exc:
+            state = ctx.obj if isinstance(ctx.obj, State) else None
+            message, code = explain(exc, state.config_path if state else None)
+            click.echo(message, err=True)
+            ctx.exit(code)
+
+
+@click.group(cls=Group)
 @click.version_option(__version__, prog_name="deploybus")
 @click.option("--config", "-c", envvar="DEPLOYBUS_CONFIG", default=DEFAULT_CONFIG,
               show_default=True, help="Config file (or DEPLOYBUS_CONFIG).")
@@ -86,15 +118,11 @@ def _run(name: str, ctx: Context, services: list[Service]) -> None:
     from deploybus.runner import Runner
     try:
         code = Runner(services, name=name).run()
-    except ConfigError as exc:
-        click.echo(f"deploybus {name}: config error: {exc}", err=True)
-        code = EXIT_CONFIG
-    except BusError as exc:
-        click.echo(f"deploybus {name}: bus unavailable: {exc}", err=True)
-        code = EXIT_UNAVAILABLE
     except DeployBusError as exc:
-        click.echo(f"deploybus {name}: {exc}", err=True)
-        code = EXIT_SOFTWARE
+        message, code = explain(exc, str(ctx.config.path))
+        if code == EXIT_FAILURE:
+            code = EXIT_SOFTWARE  # a daemon that cannot start is not a failed deploy
+        click.echo(f"deploybus {name}: {message.removeprefix('deploybus: ')}", err=True)
     finally:
         ctx.bus.close()
     sys.exit(code)

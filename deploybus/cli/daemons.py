@@ -39,9 +39,11 @@ def fetcher(state: State, host: str | None) -> None:
 
 @cli.command()
 @host_option
-@click.option("--interval", default=10.0, show_default=True, help="Seconds between heartbeats.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between heartbeats (default: the host's heartbeat in the config, "
+                   "10).")
 @pass_state
-def keepalive(state: State, host: str | None, interval: float) -> None:
+def keepalive(state: State, host: str | None, interval: float | None) -> None:
     """Run the keepalive (heartbeats and presence) for this host."""
     from deploybus.daemons.keepalive.service import Keepalive
     _setup_logging()

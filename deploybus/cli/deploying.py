@@ -9,22 +9,26 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
 from deploybus import envelope, topics
+from deploybus.bus import redact
 from deploybus.cli.base import State, cli, pass_state
-from deploybus.config import Config
-from deploybus.errors import BusError, DeployBusError
+from deploybus.config import Config, EnvironmentConfig
+from deploybus.errors import DeployBusError
 from deploybus.exits import (
+    EXIT_ABORTED,
     EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PARTIAL,
     EXIT_REFUSED,
     EXIT_TEMPFAIL,
-    EXIT_UNAVAILABLE,
 )
+from deploybus.states import FINAL_STATES
 
 
 def _login() -> str:
@@ -38,9 +42,12 @@ ROLLOUT_TTL = 3600
 #: Seconds ``--wait`` waits for the orchestrator's first word before saying so.
 SILENCE_HINT_AFTER = 10.0
 
+#: Seconds pause/resume/promote/abort wait for the orchestrator's answer.
+CONTROL_TIMEOUT = 30.0
+
 #: Final rollout states and the exit code ``--wait`` gives for each.
-EXIT_FOR_STATE = {"succeeded": 0, "failed": EXIT_FAILURE, "aborted": EXIT_FAILURE,
-                  "refused": EXIT_REFUSED}
+EXIT_FOR_STATE = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILURE,
+                  "aborted": EXIT_ABORTED, "refused": EXIT_REFUSED}
 
 
 def print_event(env: envelope.Envelope) -> None:
@@ -58,14 +65,47 @@ def print_event(env: envelope.Envelope) -> None:
             tail = f" release {b.get('release')}" if state == "succeeded" and b.get("release") \
                 else f": {b.get('reason')}" if b.get("reason") else ""
             click.echo(f"[{host}] {state}{tail} ({b.get('done')}/{b.get('total')} done)")
-        elif b.get("control_refused"):
-            click.echo(f"rollout {b.get('rollout')}: {b.get('control')} refused: "
-                       f"{b.get('control_refused')}")
+        elif b.get("control_id"):
+            pass  # the answer to a pause/resume/promote/abort: its command prints it
         elif b.get("state") != "running" or b.get("phases"):
             reason = f": {b.get('reason')}" if b.get("reason") else ""
             phases = b.get("phases")
             plan = (" (" + " | ".join(",".join(p) for p in phases) + ")") if phases else ""
-            click.echo(f"rollout {b.get('rollout')} {b.get('state')}{reason}{plan}")
+            counts = ""
+            if b.get("state") in FINAL_STATES and isinstance(b.get("total"), int) \
+                    and b.get("total"):
+                counts = f" [{b.get('succeeded', 0)}/{b.get('total')} hosts succeeded]"
+            click.echo(f"rollout {b.get('rollout')} {b.get('state')}{reason}{plan}{counts}")
+
+
+def follow(bus: Any, cfg: Config, rollout: str, handle: Callable[[envelope.Envelope], None],
+           *, events: bool = False) -> None:
+    """Call ``handle`` with every message about ``rollout`` on ``deploy.status``
+    (and ``deploy.events`` with ``events``). A status message counts only if
+    its signature checks out: it is what the command's words and exit code
+    rest on."""
+    verifier = cfg.verifier()
+
+    def on_message(d: Any) -> None:
+        try:
+            env = envelope.decode(d.body)
+            if env.correlation != rollout:
+                return
+            if env.type == "deploy.rollout.status":
+                try:
+                    verifier.signer(env)
+                except DeployBusError as exc:
+                    click.echo(f"ignoring unverified status message: {exc}", err=True)
+                    return
+            handle(env)
+        except DeployBusError as exc:
+            click.echo(f"ignoring malformed message: {exc}", err=True)
+        finally:
+            d.ack()
+
+    bus.subscribe(topics.STATUS, on_message)
+    if events:
+        bus.subscribe(topics.EVENTS, on_message)
 
 
 def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
@@ -77,46 +117,27 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
     progress lines from ``deploy.events``.
     """
     from deploybus.bus import connect
-    from deploybus.states import FINAL_STATES
 
     key = cfg.load_signing_key()
     rollout = body["rollout"]
-    verifier = cfg.verifier()
     finished = threading.Event()
     heard = threading.Event()  # the orchestrator said anything of this rollout
     final: dict[str, Any] = {}
 
-    def on_event(d: Any) -> None:
-        try:
-            env = envelope.decode(d.body)
-        except DeployBusError:
-            d.ack()
-            return
-        if env.correlation == rollout:
-            if env.type == "deploy.rollout.status":
-                try:
-                    verifier.signer(env)
-                except DeployBusError as exc:
-                    click.echo(f"ignoring unverified status message: {exc}", err=True)
-                    d.ack()
-                    return
-                heard.set()
-            try:
-                print_event(env)
-            except DeployBusError as exc:
-                click.echo(f"ignoring malformed {env.type}: {exc}", err=True)
-            # Only once its line is out: the main thread exits when it sees this.
-            if env.type == "deploy.rollout.status" and env.body.get("state") in FINAL_STATES:
-                final.update(env.body)
-                finished.set()
-        d.ack()
+    def handle(env: envelope.Envelope) -> None:
+        if env.type == "deploy.rollout.status":
+            heard.set()
+        print_event(env)
+        # Only once its line is out: the main thread exits when it sees this.
+        if env.type == "deploy.rollout.status" and env.body.get("state") in FINAL_STATES \
+                and not env.body.get("control_id"):
+            final.update(env.body)
+            finished.set()
 
     bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")
     try:
         if wait:
-            bus.subscribe(topics.STATUS, on_event)
-            if verbose:
-                bus.subscribe(topics.EVENTS, on_event)
+            follow(bus, cfg, rollout, handle, events=verbose)
         env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
                            correlation=rollout, ttl=ROLLOUT_TTL)
         # Into the orchestrator's queue even if none has run on this broker
@@ -129,18 +150,12 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
         if not heard.wait(min(timeout, SILENCE_HINT_AFTER)) and timeout > SILENCE_HINT_AFTER:
             # Nothing is lost (the rollout waits in the orchestrator's queue),
             # but somebody should start an orchestrator.
-            where = urlsplit(cfg.bus_url)
             click.echo(f"rollout {rollout}: no word from the orchestrator after "
                        f"{SILENCE_HINT_AFTER:.0f}s; is `deploybus orchestrator` running on "
-                       f"{where.scheme}://{where.hostname or ''}"
-                       f"{f':{where.port}' if where.port else ''}? (still waiting)",
-                       err=True)
+                       f"{redact(cfg.bus_url)}? (still waiting)", err=True)
         if not finished.wait(max(0.0, deadline - time.monotonic())):
             click.echo(f"rollout {rollout}: still not finished after {timeout:.0f}s", err=True)
             sys.exit(EXIT_TEMPFAIL)
-    except BusError as exc:
-        click.echo(f"deploybus: bus unavailable: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
     finally:
         # About to exit: do not wait for the consumer to notice (up to its
         # drain timeout); the broker drops its exclusive queue with the
@@ -208,16 +223,46 @@ def with_common(f: Any) -> Any:
     return f
 
 
+#: Strategy settings and the options that set them, to name the culprit.
+STRATEGY_OPTIONS = {"canary": "--canary", "batch": "--batch", "window": "--window",
+                    "pause": "--pause", "max_failures": "--max-failures",
+                    "auto_rollback": "--auto-rollback", "stuck": "--stuck"}
+
+
+def check_strategy(ec: EnvironmentConfig, overrides: dict[str, Any],
+                   hosts: list[str]) -> None:
+    """Refuse an invalid strategy before anything is sent, naming the option
+    (the orchestrator would refuse it too, but only after the rollout went out)."""
+    from deploybus.strategy import Strategy
+    for key, value in overrides.items():
+        try:
+            Strategy.parse(ec.strategy, {key: value}).phases(hosts)
+        except DeployBusError as exc:
+            raise click.BadParameter(str(exc), param_hint=STRATEGY_OPTIONS[key]) from None
+    try:
+        Strategy.parse(ec.strategy, overrides).phases(hosts)
+    except DeployBusError as exc:
+        raise click.UsageError(f"strategy of this rollout: {exc}") from None
+
+
 def rollout_body(state: State, project: str, environment: str, o: dict[str, Any]) -> dict:
     cfg = state.config
     check_target(cfg, project, environment)
+    ec = cfg.environments[environment]
+    hosts = host_list(o["hosts"])
+    if hosts is not None:
+        unknown = [h for h in hosts if h not in ec.hosts]
+        if unknown:
+            raise click.BadParameter(f"not in {environment}: {', '.join(unknown)} (its hosts: "
+                                     f"{', '.join(ec.hosts)})", param_hint="--hosts")
     strategy = {"canary": count_or_text(o["canary"]), "batch": count_or_text(o["batch"]),
                 "window": o["window"], "pause": pause_value(o["pause"]),
                 "max_failures": o["max_failures"], "auto_rollback": o["auto_rollback"],
                 "stuck": o["stuck"]}
+    strategy = {k: v for k, v in strategy.items() if v is not None}
+    check_strategy(ec, strategy, list(dict.fromkeys(hosts or ec.hosts)))
     return {"rollout": uuid.uuid4().hex[:16], "project": project, "environment": environment,
-            "hosts": host_list(o["hosts"]), "user": o["user"] or _login(),
-            "strategy": {k: v for k, v in strategy.items() if v is not None},
+            "hosts": hosts, "user": o["user"] or _login(), "strategy": strategy,
             "override": o["override"]}
 
 
@@ -231,8 +276,10 @@ def deploy(state: State, project: str, ref: str, environment: str, **o: Any) -> 
 
     The environment's strategy applies; the options override it for this
     rollout (e.g. --canary 1 --batch 25% --auto-rollback). With --wait,
-    prints per-host progress and exits 0 only when the rollout succeeded,
-    1 when it failed or was aborted, 77 when it was refused, 75 on timeout.
+    prints a line per host as it settles and exits 0 only when every host
+    succeeded; 3 when it went through with some hosts failed (partial,
+    within --max-failures), 1 when it failed, 4 when it was aborted, 77 when
+    it was refused, 75 when --timeout passed first.
     """
     from deploybus.refs import check_ref
     try:
@@ -260,20 +307,49 @@ def rollback(state: State, project: str, environment: str, release: str | None,
            summary=f"rollback {project} on {environment} to {release or 'previous release'}")
 
 
-def control(state: State, rollout: str, action: str, user: str | None) -> None:
+def control(state: State, rollout: str, action: str, user: str | None,
+            timeout: float) -> None:
+    """Send a signed ``deploy.control`` and wait for the orchestrator's signed
+    answer: exit 0 with what it did, 77 with why it refused, 75 if it did
+    not answer within ``timeout`` (the message expires then, unread: it will
+    not be applied later)."""
     from deploybus.bus import connect
+    from deploybus.refs import check_name
+    try:
+        check_name(rollout, "rollout id")
+    except DeployBusError as exc:
+        raise click.BadParameter(str(exc), param_hint="ROLLOUT") from None
     cfg = state.config
     key = cfg.load_signing_key()
     env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
                                           "user": user or _login()},
-                       sender=f"cli@{socket.gethostname()}", correlation=rollout, ttl=600)
+                       sender=f"cli@{socket.gethostname()}", correlation=rollout, ttl=timeout)
+    answer: dict[str, Any] = {}
+    answered = threading.Event()
+
+    def handle(e: envelope.Envelope) -> None:
+        if e.type == "deploy.rollout.status" and e.body.get("control_id") == env.id:
+            answer.update(e.body)
+            answered.set()
+
+    bus = connect(cfg.bus_url, client_name=f"cli-{action}")
     try:
-        with connect(cfg.bus_url, client_name=f"cli-{action}") as bus:
-            bus.publish(topics.CONTROL, key.sign(env).encode())
-    except BusError as exc:
-        click.echo(f"deploybus: bus unavailable: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
-    click.echo(f"rollout {rollout}: {action} sent")
+        follow(bus, cfg, rollout, handle)
+        # Into the orchestrator's queue even if none has run yet; it expires
+        # when we stop waiting.
+        bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL, key.sign(env).encode())
+        if not answered.wait(timeout):
+            click.echo(f"rollout {rollout}: no answer to {action} from the orchestrator within "
+                       f"{timeout:.0f}s; is `deploybus orchestrator` running on "
+                       f"{redact(cfg.bus_url)}? The {action} expires unread and will not be "
+                       f"applied.", err=True)
+            sys.exit(EXIT_TEMPFAIL)
+    finally:
+        bus.close(timeout=0)
+    if answer.get("control_refused"):
+        click.echo(f"rollout {rollout}: {action} refused: {answer['control_refused']}", err=True)
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"rollout {rollout}: {answer.get('control_done') or action}")
 
 
 for _action, _doc in (("pause", "Stop starting hosts once those in flight are done."),
@@ -281,12 +357,17 @@ for _action, _doc in (("pause", "Stop starting hosts once those in flight are do
                       ("promote", "Go on after the canary (strategy pause: promote)."),
                       ("abort", "Start no more hosts; end the rollout as aborted.")):
     def _make(action: str, doc: str) -> None:
-        @cli.command(action, help=f"{doc} ROLLOUT is the id deploy printed.")
+        @cli.command(action, help=f"{doc} ROLLOUT is the id deploy printed. Waits for the "
+                                  f"orchestrator's answer: exit 0 when it did it, 77 when it "
+                                  f"refused (the reason is printed), 75 without an answer.")
         @click.argument("rollout")
-        @click.option("--user", default=None)
+        @click.option("--user", default=None, help="Who asks (default: your login name).")
+        @click.option("--timeout", type=click.FloatRange(min=1, max=3600),
+                      default=CONTROL_TIMEOUT, show_default=True,
+                      help="Seconds to wait for the orchestrator's answer.")
         @pass_state
-        def _cmd(state: State, rollout: str, user: str | None) -> None:
-            control(state, rollout, action, user)
+        def _cmd(state: State, rollout: str, user: str | None, timeout: float) -> None:
+            control(state, rollout, action, user, timeout)
     _make(_action, _doc)
 
 
@@ -295,7 +376,7 @@ for _action, _doc in (("pause", "Stop starting hosts once those in flight are do
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_state
 def history(state: State, limit: int, as_json: bool) -> None:
-    """Recent rollouts from the state database."""
+    """Recent rollouts, read from the state database (state.url)."""
     from deploybus.store import Store
     rows = Store(state.config.state_url).rollouts(limit)
     if as_json:
@@ -303,8 +384,10 @@ def history(state: State, limit: int, as_json: bool) -> None:
         return
     for r in rows:
         hosts = ", ".join(f"{h['host']}:{h['state']}" for h in r["hosts"])
+        ok = sum(1 for h in r["hosts"] if h["state"] == "succeeded")
+        counts = f" ({ok}/{len(r['hosts'])} ok)" if r["hosts"] else ""
         click.echo(f"{r['created_at'][:19]}  {r['id']}  {r['project']} {r['ref']} -> "
-                   f"{r['environment']}  {r['state']}  by {r['user']}  [{hosts}]"
+                   f"{r['environment']}  {r['state'].upper()}{counts}  by {r['user']}  [{hosts}]"
                    + (f"\n    {r['reason']}" if r["reason"] else ""))
 
 
@@ -312,17 +395,28 @@ def history(state: State, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_state
 def hosts(state: State, as_json: bool) -> None:
-    """Hosts seen by the orchestrator, and what runs where."""
+    """Every host: whether it can deploy (its agent's heartbeat), which of its
+    daemons are alive, and what runs there. Read from the state database
+    (state.url), where the orchestrator records heartbeats; the web shows
+    the same verdicts."""
+    from deploybus.liveness import host_rows
     from deploybus.store import Store
-    rows = Store(state.config.state_url).hosts()
+    cfg = state.config
+    rows = host_rows({e.name: e.hosts for e in cfg.environments.values()},
+                     Store(cfg.state_url).hosts())
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
+    table = [("HOST", "STATUS", "DAEMONS", "RUNNING")]
     for h in rows:
-        projects = h["info"].get("projects", {})
         running = ", ".join(f"{p}={v.get('ref')}@{(v.get('commit') or '')[:8]}"
-                            for p, v in projects.items()) or "-"
-        click.echo(f"{h['name']:20} seen {h['age']:6.0f}s ago  {running}")
+                            for p, v in h["projects"].items() if v.get("release")) or "-"
+        name = h["name"] if h["configured"] else f"{h['name']} (not in config)"
+        table.append((name, h["verdict"], h["detail"], running))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
+                   + "  " + row[3])
 
 
 @cli.command()

@@ -286,6 +286,37 @@ def test_request_is_journaled_and_acked_before_the_deploy_runs(harness, tmp_path
     assert "script" not in done
 
 
+def test_a_request_is_acknowledged_at_once_even_behind_another_deploy(harness,
+                                                                     tmp_path: Path) -> None:
+    """The orchestrator fails a host whose agent stays silent for ack_timeout:
+    the agent says "accepted" on receipt, before the deploy (or the deploy
+    ahead of it in the project's queue) runs, and again for a repeat of a
+    request still in progress."""
+    started = tmp_path / "pre.started"
+    h = harness({"app": {"scripts": {"pre": f"touch {started}; sleep 3"}}}, start=False)
+    h.repo.commit("v1")
+    h.start()
+    first = h.site.send(h.bus, h.site.request("v1"))
+    assert wait_until(started.exists, 10)
+    t0 = time.monotonic()
+    second_env = h.site.request("v1")
+    second = h.site.send(h.bus, second_env)
+    ack = h.events.wait(lambda e: e.type == "deploy.progress" and e.body.get("rollout") == second,
+                        timeout=2)
+    assert time.monotonic() - t0 < 1.0, "the acknowledgement waited for something"
+    (entry,) = ack.body["entries"]
+    assert entry["step"] == "accepted"
+    assert entry["message"] == f"accepted; waiting for {first} to finish"
+    assert not h.events.results(first), "acknowledged before the deploy ahead of it ended"
+    h.site.send(h.bus, h.site.request("v1", rollout=second))  # asked again meanwhile
+    h.events.wait(lambda e: e.type == "deploy.progress" and e.body.get("rollout") == second
+                  and e.body["entries"][0]["message"] == "already accepted; in progress", 5)
+    assert h.events.result(first)["status"] == "succeeded"
+    assert h.events.result(second)["status"] == "succeeded"
+    steps = [e["step"] for e in h.events.progress(first)]
+    assert steps[0] == "accepted" and steps.count("accepted") == 1, steps
+
+
 def test_a_rollout_is_never_run_twice(harness, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     h = harness({"app": {"scripts": {"pre": f"echo run >> {runs}"}}}, start=False)

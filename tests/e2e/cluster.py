@@ -62,9 +62,10 @@ class Daemon:
 class Cluster:
     def __init__(self, base: Path, bus_url: str, hosts: list[str], *,
                  env_extra: str = "", app_scripts: dict[str, str] | None = None,
-                 request_timeout: float = 60) -> None:
+                 request_timeout: float = 60, heartbeat: float | None = None) -> None:
         self.base, self.bus_url, self.hosts = base, bus_url, hosts
         self.request_timeout = request_timeout
+        self.heartbeat = heartbeat
         self.env_extra = env_extra
         self.app_scripts = app_scripts or {
             "pre": 'echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"',
@@ -93,8 +94,9 @@ class Cluster:
         git("init", "-q", "-b", "main", cwd=self.work)
         git("remote", "add", "origin", str(self.bare), cwd=self.work)
         scripts_yaml = "".join(f"      {k}: {json.dumps(v)}\n" for k, v in self.app_scripts.items())
+        beat = f"    heartbeat: {self.heartbeat}\n" if self.heartbeat else ""
         hosts_yaml = "".join(f"  {h}:\n    root: {self.root(h)}\n    state_dir: {self.state(h)}\n"
-                             for h in self.hosts)
+                             f"{beat}" for h in self.hosts)
         self.config.write_text(f"""\
 bus:
   url: "{self.bus_url}"
@@ -169,6 +171,15 @@ environments:
         return subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
                                *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
+
+    def daemon(self, name: str) -> Daemon:
+        return next(d for d in self.daemons if d.name == name)
+
+    def host_rows(self) -> dict[str, dict]:
+        """``deploybus hosts --json`` by host name."""
+        r = self.cli("hosts", "--json")
+        assert r.returncode == 0, r.stderr
+        return {h["name"]: h for h in json.loads(r.stdout)}
 
     def history(self) -> list[dict]:
         r = self.cli("history", "--json", "--limit", "100")

@@ -141,3 +141,18 @@ def test_config_error_exits_78_naming_file_line_and_key(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=os.environ.copy(), timeout=60)
     assert r.returncode == EXIT_CONFIG
     assert f"{cfg}:6: projects.app.scirpts: unknown key (did you mean 'scripts'?)" in r.stderr
+
+
+@pytest.mark.parametrize("daemon", ["agent", "orchestrator"])
+def test_refused_broker_credentials_exit_78_at_once(cluster: Cluster, daemon: str) -> None:
+    """A daemon the broker refuses does not retry for ever: it exits 78 (a
+    config error; systemd does not restart it) naming the broker and vhost."""
+    cluster.config.write_text(cluster.config.read_text().replace("guest:guest@", "guest:n0@"))
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(cluster.config),
+                        daemon, *(["--host", "h1"] if daemon == "agent" else [])],
+                       capture_output=True, text=True, env=cluster.env, timeout=60)
+    assert r.returncode == EXIT_CONFIG, r.stderr[-2000:]
+    assert time.monotonic() - started < 10
+    assert f"deploybus {daemon}: broker amqp://guest:***@127.0.0.1:5672/" in r.stderr, r.stderr
+    assert "refused the connection" in r.stderr and "n0@" not in r.stderr

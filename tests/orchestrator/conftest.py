@@ -22,10 +22,10 @@ def make(request: pytest.FixtureRequest, tmp_path: Path):
     made: list[Cluster] = []
 
     def _make(n: int = 3, env_extra: str = "", sleep: float = 0, tags=("v1.0", "v2.0"),
-              kind: str = "rabbitmq-amqp") -> Cluster:
+              kind: str = "rabbitmq-amqp", heartbeat: float | None = None) -> Cluster:
         url = broker_url(kind, request, f"o{uuid.uuid4().hex[:10]}")
         c = Cluster(tmp_path / f"c{len(made)}", url, [f"h{i}" for i in range(1, n + 1)],
-                    env_extra=env_extra, app_scripts=SCRIPTS)
+                    env_extra=env_extra, app_scripts=SCRIPTS, heartbeat=heartbeat)
         c.base.mkdir()
         c.env["TEST_SLEEP"] = str(sleep)
         c.setup()

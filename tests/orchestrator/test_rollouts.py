@@ -151,7 +151,9 @@ def test_pause_until_promoted_after_the_canary(make) -> None:  # noqa: ANN001
     assert c.version("h1") == "v1.0" and c.version("h2") is None
     time.sleep(1)
     assert c.version("h2") is None, "nothing moves while paused"
-    assert c.cli("promote", rid).returncode == 0
+    r = c.cli("promote", rid)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == f"rollout {rid}: promoted: the batches after the canary go on"
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out
     assert {c.version(h) for h in c.hosts} == {"v1.0"}
@@ -163,9 +165,12 @@ def test_abort_starts_no_more_hosts(make) -> None:  # noqa: ANN001
     assert wait_for(lambda: c.history() and c.history()[0]["hosts"][0]["state"] == "requested",
                     30)
     rid = c.history()[0]["id"]
-    assert c.cli("abort", rid).returncode == 0
+    r = c.cli("abort", rid)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "aborting: hosts in flight finish, the rest are skipped" in r.stdout
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 1 and "aborted by" in out, out
+    assert p.returncode == 4 and "aborted by" in out, out
+    assert c.history()[0]["state"] == "aborted"
     states = [h["state"] for h in c.history()[0]["hosts"]]
     assert states[1:] == ["skipped", "skipped"]
 
@@ -217,23 +222,98 @@ def test_stuck_host_counts_as_failed(make) -> None:  # noqa: ANN001
     assert [h["state"] for h in c.history()[0]["hosts"]] == ["failed", "skipped"]
 
 
-def test_offline_host_is_reported_not_waited_on(make) -> None:  # noqa: ANN001
-    c = make(n=3)
-    beats = [c.start(f"keepalive-{h}", "keepalive", "--host", h, "--interval", "1")
-             for h in c.hosts]
+def test_a_host_whose_agent_died_is_reported_at_once_not_waited_on(make) -> None:  # noqa: ANN001
+    """Liveness comes from each daemon's own heartbeat: h2's keepalive goes on
+    beating, but its agent is dead, so h2 is "agent down" in `hosts` and
+    offline in the rollout, at once; the rollout is partial, not succeeded."""
+    c = make(n=3, heartbeat=1)
+    beats = [c.start(f"keepalive-{h}", "keepalive", "--host", h) for h in c.hosts]
     assert all(b.ready.wait(60) for b in beats)
-    assert wait_for(lambda: len(json.loads(c.cli("hosts", "--json").stdout)) == 3, 30)
-    beats[1].proc.send_signal(signal.SIGKILL)  # h2 goes silent
-    time.sleep(4)
+    assert wait_for(lambda: {h["verdict"] for h in c.host_rows().values()} == {"up"}, 30), \
+        c.host_rows()
+    c.daemon("agent-h2").proc.send_signal(signal.SIGKILL)
+    assert wait_for(lambda: c.host_rows()["h2"]["verdict"] == "agent down", 10), c.host_rows()
+    row = c.host_rows()["h2"]
+    assert row["daemons"]["keepalive"]["alive"] and not row["daemons"]["agent"]["alive"]
+    text = c.cli("hosts").stdout
+    assert any(line.split()[:3] == ["h2", "agent", "down"] for line in text.splitlines()), text
+    assert any(line.split()[:2] == ["h1", "up"] for line in text.splitlines()), text
     started = time.monotonic()
     r = c.deploy("app", "v1.0", "--max-failures", "1")
-    assert r.returncode == 0, r.stdout + c.logs()
     assert time.monotonic() - started < 30
-    steps = {h["host"]: h for h in c.history()[0]["hosts"]}
+    assert r.returncode == 3, r.stdout + c.logs()
+    rid = c.history()[0]["id"]
+    assert "[h2] offline: agent down: agent silent" in r.stdout, r.stdout
+    assert f"rollout {rid} partial: 2 of 3 hosts succeeded; h2 failed" in r.stdout, r.stdout
+    last = c.history()[0]
+    assert last["state"] == "partial"
+    steps = {h["host"]: h for h in last["hosts"]}
     assert steps["h2"]["state"] == "offline"
-    assert "last heartbeat" in steps["h2"]["message"]
+    assert steps["h2"]["message"].startswith("agent down: agent silent"), steps["h2"]
     assert steps["h1"]["state"] == steps["h3"]["state"] == "succeeded"
-    assert asked(c, "h2", c.history()[0]["id"]) == []
+    assert asked(c, "h2", rid) == []
+
+
+def test_an_agent_that_stopped_answering_fails_its_host_within_ack_timeout(make) -> None:  # noqa: ANN001
+    """h1's agent is frozen just before the deploy (its last heartbeat is
+    fresh, so it is asked): no acknowledgement within ack_timeout (3 s) fails
+    it with "agent not answering", not after request_timeout (60 s). Thawed,
+    the agent finds the request expired and never runs it."""
+    c = make(n=1, heartbeat=1, env_extra="    ack_timeout: 3\n")
+    assert wait_for(lambda: c.host_rows()["h1"]["verdict"] == "up", 30)
+    agent = c.daemon("agent-h1")
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = c.deploy("app", "v1.0")
+        took = time.monotonic() - started
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    assert r.returncode == 1, r.stdout + c.logs()
+    assert "[h1] failed: agent not answering: no acknowledgement from h1 within 3s" in r.stdout
+    assert took < 20, f"a silent agent was waited on for {took:.0f}s"
+    rid = c.history()[0]["id"]
+    assert wait_for(lambda: asked(c, "h1", rid) == ["refused"], 20), c.audit("h1")
+    assert c.version("h1") is None, "a request given up on ran after all"
+
+
+def test_tolerated_failures_are_partial_and_all_failed_is_failed(make) -> None:  # noqa: ANN001
+    """--max-failures says "keep going", not "call it a success"."""
+    c = make(n=3)
+    r = c.cli("deploy", "broken", "v1.0", "--env", "prod", "--max-failures", "3",
+              "--window", "0", "--wait")
+    assert r.returncode == 1, r.stdout
+    assert sum(line.startswith(f"[{h}] failed: post script failed with exit code 3")
+               for h in c.hosts for line in r.stdout.splitlines()) == 3, r.stdout
+    rid = c.history()[0]["id"]
+    assert f"rollout {rid} failed: no host succeeded: h1, h2, h3 failed" in r.stdout, r.stdout
+    assert "[0/3 hosts succeeded]" in r.stdout
+    assert c.history()[0]["state"] == "failed"
+    fail_on(c, "h2", "v1.0")
+    r = c.deploy("app", "v1.0", "--max-failures", "1")
+    assert r.returncode == 3, r.stdout
+    rid = c.history()[0]["id"]
+    assert f"rollout {rid} partial: 2 of 3 hosts succeeded; h2 failed (within max_failures 1)" \
+        in r.stdout, r.stdout
+    assert c.history()[0]["state"] == "partial"
+    text = c.cli("history").stdout.splitlines()[0]
+    assert "PARTIAL (2/3 ok)" in text, text
+    assert c.deploy("app", "v2.0").returncode == 0
+
+
+def test_control_commands_wait_for_the_orchestrators_answer(make) -> None:  # noqa: ANN001
+    c = make(n=1)
+    r = c.cli("promote", "deadbeef")
+    assert r.returncode == 77, r.stdout + r.stderr
+    assert r.stderr.strip() == ("rollout deadbeef: promote refused: no rollout 'deadbeef' "
+                                "is known")
+    assert c.deploy("app", "v1.0").returncode == 0
+    rid = c.history()[0]["id"]
+    for action in ("abort", "pause", "resume"):
+        r = c.cli(action, rid)
+        assert r.returncode == 77, r.stdout + r.stderr
+        assert f"{action} refused: rollout {rid} is succeeded; only a running or paused " \
+            "rollout can be steered" in r.stderr
 
 
 def test_pause_and_resume(make) -> None:  # noqa: ANN001
@@ -242,7 +322,9 @@ def test_pause_and_resume(make) -> None:  # noqa: ANN001
     assert wait_for(lambda: c.history() and c.history()[0]["hosts"][0]["state"] == "requested",
                     30)
     rid = c.history()[0]["id"]
-    assert c.cli("pause", rid).returncode == 0
+    r = c.cli("pause", rid)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == f"rollout {rid}: pausing: hosts in flight finish, no more start"
     assert wait_for(lambda: c.history()[0]["state"] == "paused", 30), c.history()[0]
     assert [h["state"] for h in c.history()[0]["hosts"]][1:] == ["pending", "pending"]
     time.sleep(1)

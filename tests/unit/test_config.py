@@ -323,18 +323,24 @@ def test_policy_rule_without_signer(tmp_path, keys):
     check(exc, tmp_path / "deploybus.yaml", 4, "keys.policy.0.signer", "non-empty string")
 
 
-@pytest.mark.parametrize("text, line", [
-    ("bus:\n  url: memory://\nprojects:\n  shop: {git: /a\n", 5),
-    ("bus:\n  url: [memory\n", 3),
-    ("projects:\n  shop:\n    git: /a\n   keep: 3\n", 4),
-    ("a: 'unterminated\n", 2),
+@pytest.mark.parametrize("text, line, context", [
+    # an unclosed bracket or quote is noticed at the end of the file, a line
+    # past the last one: the line where it was opened is the one to fix
+    ("bus:\n  url: memory://\nprojects:\n  shop: {git: /a\n", 4, "flow mapping"),
+    ("bus:\n  url: [memory\n", 2, "flow sequence"),
+    ("a: 'unterminated\n", 1, "quoted scalar"),
+    ("a: 'unterminated", 1, "quoted scalar"),
+    # noticed on the line that is wrong; where the mapping began is named too
+    ("projects:\n  shop:\n    git: /a\n   keep: 3\n", 4, "block mapping that begins on line 2"),
+    ("env:\n  hosts: [h1, h2\n  projects: [app]\n", 3, "flow sequence that begins on line 2"),
 ])
-def test_bad_yaml_syntax(tmp_path, text, line):
+def test_bad_yaml_syntax(tmp_path, text, line, context):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError, match="not valid YAML") as info:
         config.load(p)
     assert info.value.line == line, str(info.value)
     assert str(info.value).startswith(f"{p}:{line}: not valid YAML: ")
+    assert context in str(info.value)
 
 
 def test_tab_indentation_names_the_line(tmp_path):

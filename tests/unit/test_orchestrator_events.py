@@ -16,6 +16,7 @@ from deploybus.config import parse
 from deploybus.daemons.orchestrator import rollout, service
 from deploybus.runner import Context
 from deploybus.signing import SigningKey
+from deploybus.states import FINAL_STATES
 from deploybus.store import Store
 
 
@@ -47,12 +48,14 @@ def test_entries_on_progress_and_on_result_are_both_logged(tmp_path: Path,
 
 
 class FakeAgent:
-    """Answers h1's requests on the memory bus as a script says."""
+    """Answers h1's requests on the memory bus as a script says (an answer
+    of None: says nothing)."""
 
     def __init__(self, bus, key: SigningKey, answers: list) -> None:  # noqa: ANN001
         self.bus, self.key, self.answers, self.requests = bus, key, answers, []
         self.orch: service.Orchestrator | None = None
         self.asked_at = 0.0
+        self.rollout = ""
         bus.subscribe(topics.requests_for("h1"), self.on_request, queue="h1-requests")
 
     def on_request(self, d) -> None:  # noqa: ANN001
@@ -60,8 +63,11 @@ class FakeAgent:
         d.ack()
         self.requests.append(env.id)
         answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
-        body = {"rollout": env.body["rollout"], "host": "h1", "request_id": env.id,
-                **answer(self)}
+        self.rollout = env.body["rollout"]
+        result = answer(self)
+        if result is None:
+            return  # a silent agent
+        body = {"rollout": env.body["rollout"], "host": "h1", "request_id": env.id, **result}
         self.bus.publish(topics.EVENTS, self.key.sign(envelope.new(
             "deploy.result", body, sender="agent@h1", correlation=env.body["rollout"],
             ttl=60)).encode())
@@ -101,9 +107,27 @@ def succeeded(_agent: FakeAgent) -> dict:
     return {"status": "succeeded", "release": "r1", "commit": "c" * 40}
 
 
+def silent(_agent: FakeAgent) -> None:
+    return None
+
+
+def ack_then_slow(agent: FakeAgent) -> dict:
+    """Acknowledges at once, as the agent does, then takes 2.5 s to deploy."""
+    agent.bus.publish(topics.EVENTS, agent.key.sign(envelope.new(
+        "deploy.progress", {"rollout": agent.rollout, "host": "h1", "entries": [
+            {"step": "accepted", "message": "accepted", "lines": [], "at": "x"}]},
+        sender="agent@h1", correlation=agent.rollout, ttl=60)).encode())
+    time.sleep(2.5)
+    return succeeded(agent)
+
+
+def failed(_agent: FakeAgent) -> dict:
+    return {"status": "failed", "reason": "post script failed with exit code 3"}
+
+
 def run_rollout(tmp_path: Path, setup: tuple, answers: list,
-                before: Callable[[Store, Transport], None] | None = None
-                ) -> tuple[dict, FakeAgent, Store]:
+                before: Callable[[Store, Transport], None] | None = None,
+                strategy: dict | None = None) -> tuple[dict, FakeAgent, Store]:
     cfg, key = setup
     bus = connect(cfg.bus_url)
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
@@ -116,7 +140,7 @@ def run_rollout(tmp_path: Path, setup: tuple, answers: list,
 
     def on_status(d) -> None:  # noqa: ANN001
         b = envelope.decode(d.body).body
-        if b.get("state") in ("succeeded", "failed") and not b.get("host"):
+        if b.get("state") in FINAL_STATES and not b.get("host"):
             finals.put(b)
         d.ack()
 
@@ -124,7 +148,8 @@ def run_rollout(tmp_path: Path, setup: tuple, answers: list,
     orch.start()
     try:
         env = envelope.new("deploy.rollout", {"rollout": "r1", "project": "app",
-                                              "environment": "prod", "ref": "v1", "user": "u"},
+                                              "environment": "prod", "ref": "v1", "user": "u",
+                                              "strategy": strategy or {}},
                            sender="t", correlation="r1", ttl=60)
         bus.publish(topics.ROLLOUTS, key.sign(env).encode())
         return finals.get(timeout=20), agent, store
@@ -252,3 +277,59 @@ def test_batch_retried_through_an_outage_is_signed_anew(tmp_path: Path) -> None:
     assert (last.at_time - started).total_seconds() >= 0.7, "signed before the backoff"
     assert last.expires_time > envelope.now(), "the request that went out had expired"
     bus.close()
+
+
+def test_an_agent_that_never_acknowledges_fails_its_host_after_ack_timeout(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    """request_timeout 30 s bounds a deploy; a request nobody acknowledges
+    fails the host after ack_timeout (2 s), and expires unread then."""
+    cfg, key = orchestrator_config
+    cfg.environments["prod"].ack_timeout = 2.0
+    started = time.monotonic()
+    final, agent, store = run_rollout(tmp_path, (cfg, key), [silent])
+    took = time.monotonic() - started
+    assert final["state"] == "failed", final
+    assert "agent not answering: no acknowledgement from h1 within 2s" in final["reason"], final
+    assert 2.0 <= took < 8, f"the silent agent was given up on after {took:.1f}s"
+    (step,) = store.rollout("r1")["hosts"]
+    assert step["state"] == "failed" and step["message"].startswith("agent not answering")
+    assert len(agent.requests) == 1
+
+
+def test_an_acknowledged_deploy_may_take_longer_than_ack_timeout(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    cfg, key = orchestrator_config
+    cfg.environments["prod"].ack_timeout = 1.0
+    final, agent, _store = run_rollout(tmp_path, (cfg, key), [ack_then_slow])
+    assert final["state"] == "succeeded", final
+    assert len(agent.requests) == 1
+
+
+def test_requests_expire_when_the_acknowledgement_is_due(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    """A request's time to live is ack_timeout: an agent that comes back after
+    its host was given up on finds it expired and never runs it."""
+    cfg, key = orchestrator_config
+    cfg.environments["prod"].ack_timeout = 7.0
+    seen: list[envelope.Envelope] = []
+
+    def spy(_store: Store, bus: Transport) -> None:
+        bus.subscribe(topics.requests_for("h1"),
+                      lambda d: (seen.append(envelope.decode(d.body)), d.ack()))
+
+    final, _agent, _store = run_rollout(tmp_path, (cfg, key), [succeeded], before=spy)
+    assert final["state"] == "succeeded", final
+    (request,) = seen
+    ttl = (request.expires_time - request.at_time).total_seconds()
+    assert abs(ttl - 7.0) < 0.01, ttl
+
+
+def test_failures_within_max_failures_make_the_rollout_failed_when_no_host_succeeded(
+        tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
+    """Tolerating failures means going on, not calling it a success."""
+    final, _agent, store = run_rollout(tmp_path, orchestrator_config, [failed],
+                                       strategy={"max_failures": 3})
+    assert final["state"] == "failed", final
+    assert final["reason"].startswith("no host succeeded: h1 failed"), final
+    assert (final["succeeded"], final["failed"], final["total"]) == (0, 1, 1)
+    assert store.rollout("r1")["state"] == "failed"

@@ -290,10 +290,10 @@ def test_save_refuses_when_only_public_exists(tmp_path):
 
 
 def test_load_errors_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot load private key"):
+    with pytest.raises(ConfigError, match="cannot read private key .*missing.key: No such file"):
         SigningKey.load(tmp_path / "missing.key")
     (tmp_path / "junk.key").write_text("junk")
-    with pytest.raises(ConfigError, match="cannot load private key"):
+    with pytest.raises(ConfigError, match="junk.key is not a usable private key"):
         SigningKey.load(tmp_path / "junk.key")
 
 
