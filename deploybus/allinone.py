@@ -1,7 +1,10 @@
-"""``deploybus up``: every daemon, one local agent and the web in one process.
+"""``deploybus up``: every daemon, the hosts' agents and the web in one process.
 
 It runs on the in-process bus (``memory://``) with a sample project, so a
-newcomer can deploy something a minute after installing. The data directory
+newcomer can deploy something a minute after installing. Every host the
+config's environments name gets its fetcher, agent and keepalive here
+(the sample config has one, ``local``; each host needs a ``root`` and
+``state_dir`` of its own). The data directory
 holds everything (created on first run, reused after)::
 
     <data>/deploybus.yaml   the config it runs with (edit it, restart)
@@ -22,7 +25,7 @@ import structlog
 
 from deploybus import config as configmod
 from deploybus.bus import connect
-from deploybus.runner import EXIT_CONFIG, Context, Runner
+from deploybus.runner import EXIT_CONFIG, Context, Runner, Service
 from deploybus.signing import SigningKey
 
 log = structlog.get_logger("deploybus.up")
@@ -115,13 +118,27 @@ def run(data: Path, *, bind: str = "127.0.0.1", port: int = 8080) -> int:
     except configmod.ConfigError as exc:
         log.error("config error", error=str(exc))
         return EXIT_CONFIG
+    hosts = list(dict.fromkeys(h for e in cfg.environments.values() for h in e.hosts))
+    places: dict[Path, str] = {}
+    for host in hosts:
+        hc = cfg.host(host)
+        for place in (hc.root, hc.state_dir):
+            if place in places:
+                log.error("config error", error=f"{cfg.path}: hosts {places[place]} and {host} "
+                                                f"share {place}: give each host its own root "
+                                                f"and state_dir under hosts:")
+                return EXIT_CONFIG
+            places[place] = host
     bus = connect(cfg.bus_url, client_name="up")
-    ctx = Context(config=cfg, bus=bus, host=HOST, signing_key=key)
+    ctx = Context(config=cfg, bus=bus, host=hosts[0] if hosts else HOST, signing_key=key)
     store = Store(cfg.state_url)
-    services = [Orchestrator(ctx, store), RepoFetcher(ctx), DeployAgent(ctx),
-                Keepalive(ctx)]
+    services: list[Service] = [Orchestrator(ctx, store)]
+    for host in hosts:
+        hctx = Context(config=cfg, bus=bus, host=host, signing_key=key, stats=ctx.stats)
+        services += [RepoFetcher(hctx), DeployAgent(hctx), Keepalive(hctx)]
+    daemons = list(services)
     web = WebServer(ctx, bind=bind, port=port, store=store,
-                    healthy=lambda: all(s.healthy() for s in services))
+                    healthy=lambda: all(s.healthy() for s in daemons))
     services.append(web)
     print(f"deploybus is up: open http://{bind}:{web.port}/ and deploy 'sample' "
           f"(tags v1.0.0, v1.1.0) to 'demo'.\n  data: {data}\n  deploys land in "

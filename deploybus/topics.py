@@ -16,6 +16,9 @@ EVENTS = "deploy.events"
 STATUS = "deploy.status"
 #: ``presence`` heartbeats.
 PRESENCE = "presence"
+#: Nobody reads it: the web's /healthz publishes here to check the bus takes
+#: a message.
+PING = "deploybus.ping"
 #: ``package.update`` for the fetcher's apt-get update.
 PACKAGES = "packages"
 

@@ -1,4 +1,5 @@
-"""Flask application: dashboard, deploy form, live rollout page, JSON API."""
+"""Flask application: dashboard, deploy form, live rollout page with its
+controls, recent rollouts, JSON API."""
 
 from __future__ import annotations
 
@@ -6,23 +7,132 @@ import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import git
-from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
+from flask import (
+    Flask,
+    abort,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.exceptions import HTTPException
 
 from deploybus import envelope, topics
-from deploybus.errors import DeployBusError
-from deploybus.refs import check_name, check_ref
+from deploybus.bus import redact
+from deploybus.errors import BusError, DeployBusError
+from deploybus.liveness import host_rows
+from deploybus.refs import MAX_REF, NAME_RE, check_ref
 from deploybus.runner import Context
+from deploybus.states import FAILED_STEPS, FINAL_STATES, SETTLED_STEPS
 from deploybus.store import Store
+from deploybus.strategy import Strategy
 
 #: Seconds a list of tags is cached per project.
 TAG_CACHE_SECONDS = 15.0
 
-#: Hosts silent for longer than this many heartbeat intervals are shown as down.
-DOWN_AFTER_BEATS = 3
+#: How long a deploy.rollout may wait for the orchestrator before it expires
+#: (as the CLI's).
+ROLLOUT_TTL = 3600
+
+#: How long a deploy.control may wait for the orchestrator. The web does not
+#: wait for the answer, but a pause or an abort must not be applied minutes
+#: later by an orchestrator that was down when it was pressed.
+CONTROL_TTL = 60
+
+#: What the orchestrator accepts in a deploy.control, in button order.
+CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
+
+#: Rollouts on the dashboard, on the recent-rollouts page, and the most the
+#: API lists at once.
+DASHBOARD_ROLLOUTS = 15
+RECENT_ROLLOUTS = 100
+MAX_LIMIT = 500
+
+#: The deploy form's fields as a person sees them: an error names the field
+#: by its label, not by its key in the request.
+FIELD_LABELS = {"project": "Project", "ref": "Tag or ref", "environment": "Environment",
+                "hosts": "Servers", "strategy": "Strategy"}
+
+#: The box a rollout's reason is shown in, by state: only what went wrong is
+#: red; a pause waits for a person and is information.
+NOTICE_TONE = {"queued": "info", "running": "info", "paused": "info",
+               "succeeded": "success", "partial": "warning", "aborted": "neutral",
+               "failed": "error", "refused": "error"}
+
+
+class FieldError(DeployBusError):
+    """One field of a deploy request is wrong. The message starts with the
+    field's label (``Tag or ref: ...``); ``field`` is its key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{FIELD_LABELS[field]}: {message}")
+
+
+def awaiting_promote(record: Mapping[str, Any]) -> bool:
+    """Whether a paused rollout waits for ``promote`` after its canary
+    (strategy ``pause: promote``): its first phase is settled and no host of
+    a later phase was asked yet. Read from the strategy and the host states
+    the store has, not from the wording of the reason."""
+    hosts = {h["host"]: h["state"] for h in record.get("hosts") or []}
+    try:
+        strategy = Strategy.parse(record.get("strategy") or {})
+        phases = strategy.phases(list(hosts))
+    except DeployBusError:
+        return False
+    if strategy.pause != "promote" or not strategy.canary or len(phases) < 2:
+        return False
+    return all(hosts[h] in SETTLED_STEPS for h in phases[0]) and \
+        all(hosts[h] == "pending" for phase in phases[1:] for h in phase)
+
+
+def controls(record: Mapping[str, Any]) -> list[str]:
+    """The control actions a person is offered for a rollout now: pause or
+    abort a running one; promote (after its canary) or resume a paused one,
+    or abort it; nothing once it is final."""
+    state = record.get("state")
+    if state == "running":
+        return ["pause", "abort"]
+    if state == "paused":
+        return ["promote" if awaiting_promote(record) else "resume", "abort"]
+    return []
+
+
+def host_counts(record: Mapping[str, Any]) -> dict[str, int]:
+    """How many of the rollout's hosts succeeded, failed, are settled, in all."""
+    states = [h["state"] for h in record.get("hosts") or []]
+    return {"succeeded": states.count("succeeded"),
+            "failed": sum(1 for s in states if s in FAILED_STEPS),
+            "settled": sum(1 for s in states if s in SETTLED_STEPS),
+            "total": len(states)}
+
+
+def progress(record: Mapping[str, Any]) -> str:
+    """``2 of 3 hosts succeeded, 1 failed`` for a person."""
+    c = host_counts(record)
+    if not c["total"]:
+        return ""
+    text = f"{c['succeeded']} of {c['total']} host{'s' if c['total'] != 1 else ''} succeeded"
+    if c["failed"]:
+        text += f", {c['failed']} failed"
+    return text
+
+
+def rollout_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored rollout with what the rollout page shows of it: whether it
+    is final, the tone of its reason box, the host counts and the controls
+    on offer. The page's script and its first render read the same fields."""
+    state = record.get("state", "")
+    return {**record, "final": state in FINAL_STATES, "tone": NOTICE_TONE.get(state, "info"),
+            "counts": host_counts(record), "progress": progress(record),
+            "controls": controls(record)}
 
 
 def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lambda: True,
@@ -48,21 +158,10 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         tag_cache[project] = (time.monotonic(), result)
         return result
 
-    def host_rows() -> list[dict[str, Any]]:
-        seen = {h["name"]: h for h in store.hosts()}
-        rows = []
-        for env in ctx.config.environments.values():
-            for name in env.hosts:
-                h = seen.get(name) or {}
-                info = h.get("info", {})
-                interval = info.get("interval", 10) or 10
-                rows.append({
-                    "environment": env.name, "host": name,
-                    "alive": bool(h) and h["age"] < interval * DOWN_AFTER_BEATS,
-                    "last_seen": h.get("last_seen"),
-                    "projects": info.get("projects", {}),
-                })
-        return rows
+    def hosts() -> list[dict[str, Any]]:
+        """One row per host with its verdict: the rule ``deploybus hosts`` uses."""
+        return host_rows({e.name: e.hosts for e in ctx.config.environments.values()},
+                         store.hosts())
 
     def csrf_token() -> str:
         if "csrf" not in session:
@@ -74,48 +173,151 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         if not hmac.compare_digest(sent, session.get("csrf", "")) or not sent:
             abort(400, "missing or wrong CSRF token; reload the page")
 
-    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals.update(csrf_token=csrf_token, host_counts=host_counts)
 
-    def start_rollout(data: dict[str, Any], user: str) -> str:
-        project = check_name(data.get("project"), "project")
-        environment = check_name(data.get("environment"), "environment")
-        ref = check_ref(data.get("ref"))
-        if project not in ctx.config.projects:
-            raise DeployBusError(f"unknown project {project!r}")
-        ec = ctx.config.environments.get(environment)
-        if ec is None:
-            raise DeployBusError(f"unknown environment {environment!r}")
-        hosts = data.get("hosts") or None
-        if hosts is not None:
-            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-                raise DeployBusError("hosts must be a list of names")
-            bad = [h for h in hosts if h not in ec.hosts]
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        """Under /api/ every error is JSON (``{"error": ...}``), as the API's own are."""
+        if request.path.startswith("/api/"):
+            return jsonify({"error": exc.description}), exc.code
+        return exc
+
+    @app.errorhandler(BusError)
+    def bus_error(exc: BusError) -> Any:
+        """The broker is unreachable (or refuses us): 503 at once, saying that
+        nothing was sent. The web's transport gives up on a publish within a
+        few seconds (``deploybus web`` connects with a short publish timeout)."""
+        message = (f"the message bus {redact(ctx.config.bus_url)} cannot be reached, so "
+                   f"nothing was sent; try again when it is back ({exc})")
+        if request.path.startswith("/api/"):
+            return jsonify({"error": message}), 503
+        return render_template("dashboard.html", config=ctx.config, hosts=hosts(),
+                               rollouts=store.rollouts(DASHBOARD_ROLLOUTS),
+                               tags={p: tags(p) for p in ctx.config.projects},
+                               form=dict(request.form), error=message, field=None), 503
+
+    def start_rollout(data: Mapping[str, Any], user: str) -> str:
+        """Check a deploy request field by field and send it as a signed
+        ``deploy.rollout``; returns its id. Raises :class:`FieldError`
+        naming the field as the form shows it. The orchestrator checks it
+        all again (and more: policy, windows, the lock)."""
+        project = data.get("project")
+        if not project:
+            raise FieldError("project", "choose a project")
+        if not isinstance(project, str) or project not in ctx.config.projects:
+            raise FieldError("project", f"there is no project {project!r:.80} (known: "
+                                        f"{', '.join(ctx.config.projects)})")
+        environment = data.get("environment")
+        if not environment:
+            raise FieldError("environment", "choose an environment")
+        if not isinstance(environment, str) or environment not in ctx.config.environments:
+            raise FieldError("environment", f"there is no environment {environment!r:.80} "
+                                            f"(known: {', '.join(ctx.config.environments)})")
+        ec = ctx.config.environments[environment]
+        if ec.projects is not None and project not in ec.projects:
+            raise FieldError("project", f"{project} is not deployed to {environment} "
+                                        f"({environment} takes {', '.join(ec.projects)})")
+        ref = data.get("ref")
+        if not ref:
+            raise FieldError("ref", "enter a tag (like v1.2.3) or a ref")
+        if isinstance(ref, str) and len(ref) > MAX_REF:
+            raise FieldError("ref", f"at most {MAX_REF} characters")
+        try:
+            check_ref(ref)
+        except DeployBusError as exc:
+            raise FieldError("ref", str(exc).removeprefix("ref ")) from None
+        chosen = data.get("hosts") or None
+        if chosen is not None:
+            if not isinstance(chosen, list) or not all(isinstance(h, str) for h in chosen):
+                raise FieldError("hosts", "must be a list of server names")
+            chosen = list(dict.fromkeys(chosen))
+            bad = [h for h in chosen if h not in ec.hosts]
             if bad:
-                raise DeployBusError(f"not in {environment}: {', '.join(bad)}")
+                raise FieldError("hosts", f"{', '.join(bad)[:200]} "
+                                          f"{'is' if len(bad) == 1 else 'are'} not in "
+                                          f"{environment} (its servers: {', '.join(ec.hosts)})")
+        strategy = data.get("strategy")
+        if strategy is not None:
+            if not isinstance(strategy, dict):
+                raise FieldError("strategy", 'must be an object like {"canary": 1}')
+            try:
+                Strategy.parse(ec.strategy, strategy).phases(chosen or list(ec.hosts))
+            except DeployBusError as exc:
+                raise FieldError("strategy", str(exc)) from None
         rollout = uuid.uuid4().hex[:16]
         env = envelope.new("deploy.rollout", {
             "rollout": rollout, "project": project, "environment": environment, "ref": ref,
-            "hosts": hosts, "user": user}, sender=f"web@{ctx.host}", correlation=rollout,
-            ttl=3600)
+            "hosts": chosen, "user": user, "strategy": strategy},
+            sender=f"web@{ctx.host}", correlation=rollout, ttl=ROLLOUT_TTL)
         # into the orchestrator's queue even if none has run on this broker yet
         ctx.bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS,
                             ctx.signing_key.sign(env).encode())
         return rollout
 
+    def control_refusal(rollout: str, action: object) -> tuple[int, str] | None:
+        """Why ``action`` cannot be sent for ``rollout`` (HTTP status, message),
+        or None. Final rollouts are refused here; anything else the
+        orchestrator decides (and says so in the rollout's log)."""
+        if action not in CONTROL_ACTIONS:
+            return 400, (f"unknown action {action!r:.40}; one of "
+                         f"{', '.join(CONTROL_ACTIONS)}")
+        record = store.rollout(rollout) if NAME_RE.fullmatch(rollout) else None
+        if record is None:
+            return 404, f"no rollout {rollout!r:.80} is known"
+        if record["state"] in FINAL_STATES:
+            return 409, (f"rollout {rollout} is {record['state']}; only a running or "
+                         "paused rollout can be steered")
+        return None
+
+    def send_control(rollout: str, action: str, user: str) -> None:
+        """A signed ``deploy.control``, as ``deploybus <action> ROLLOUT`` sends
+        it. The answer is not awaited: the page polls the rollout, whose log
+        gets ``control: <action> by <user>: <what it did>``."""
+        env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
+                                              "user": user},
+                           sender=f"web@{ctx.host}", correlation=rollout, ttl=CONTROL_TTL)
+        ctx.bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL,
+                            ctx.signing_key.sign(env).encode())
+
     def current_user() -> str:
         # Login arrives with the front-end issue; until then the web acts as "web".
         return "web"
 
+    def limit_arg(default: int) -> int:
+        """``?limit=``, clamped to 1..MAX_LIMIT; a 400 if it is not a number."""
+        raw = request.args.get("limit")
+        if raw is None:
+            return default
+        try:
+            n = int(raw)
+        except ValueError:
+            abort(400, f"limit must be a whole number from 1 to {MAX_LIMIT}, not {raw!r:.40}")
+        return max(1, min(MAX_LIMIT, n))
+
+    def render_dashboard(form: Mapping[str, Any] | None = None, error: str | None = None,
+                         field: str | None = None) -> str:
+        return render_template("dashboard.html", config=ctx.config, hosts=hosts(),
+                               rollouts=store.rollouts(DASHBOARD_ROLLOUTS),
+                               tags={p: tags(p) for p in ctx.config.projects},
+                               form=form or {}, error=error, field=field)
+
     @app.get("/healthz")
     def healthz() -> Any:
+        """200 when every service of this process is healthy and the bus takes
+        a message (a confirmed publish to ``deploybus.ping``, which nobody
+        reads): what a deploy from this page needs."""
         ok = healthy()
-        return jsonify({"ok": ok, "stats": ctx.stats.snapshot()}), (200 if ok else 503)
+        try:
+            ctx.bus.publish(topics.PING, b"{}")
+            bus = "up"
+        except BusError as exc:
+            ok, bus = False, f"down: {exc}"
+        return jsonify({"ok": ok, "bus": bus, "stats": ctx.stats.snapshot()}), \
+            (200 if ok else 503)
 
     @app.get("/")
     def dashboard() -> Any:
-        return render_template("dashboard.html", config=ctx.config, hosts=host_rows(),
-                               rollouts=store.rollouts(15),
-                               tags={p: tags(p) for p in ctx.config.projects})
+        return render_dashboard()
 
     @app.post("/deploy")
     def deploy_form() -> Any:
@@ -126,19 +328,38 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
                 "hosts": request.form.getlist("hosts") or None}
         try:
             rollout = start_rollout(data, current_user())
-        except DeployBusError as exc:
-            return render_template("dashboard.html", config=ctx.config, hosts=host_rows(),
-                                   rollouts=store.rollouts(15), error=str(exc),
-                                   tags={p: tags(p) for p in ctx.config.projects}), 400
+        except FieldError as exc:
+            return render_dashboard(data, str(exc), exc.field), 400
         return redirect(url_for("rollout_page", rollout=rollout))
+
+    @app.get("/rollouts")
+    def rollouts_page() -> Any:
+        return render_template("rollouts.html", rollouts=store.rollouts(RECENT_ROLLOUTS))
 
     @app.get("/rollouts/<rollout>")
     def rollout_page(rollout: str) -> Any:
-        return render_template("rollout.html", rollout_id=rollout)
+        if not NAME_RE.fullmatch(rollout):
+            abort(404, f"{rollout!r:.80} is not a rollout id")
+        record = store.rollout(rollout)
+        return render_template("rollout.html", rollout_id=rollout,
+                               r=rollout_view(record) if record else None)
+
+    @app.post("/rollouts/<rollout>/control")
+    def rollout_control_form(rollout: str) -> Any:
+        """The rollout page's buttons without JavaScript: send, then back to the page."""
+        check_csrf()
+        action = request.form.get("action")
+        refused = control_refusal(rollout, action)
+        if refused:
+            flash(refused[1], "error")
+        else:
+            send_control(rollout, str(action), current_user())
+            flash(f"{action} sent to the orchestrator; the log below shows what it did", "info")
+        return redirect(url_for("rollout_page", rollout=rollout), code=303)
 
     @app.get("/api/hosts")
     def api_hosts() -> Any:
-        return jsonify(host_rows())
+        return jsonify(hosts())
 
     @app.get("/api/projects")
     def api_projects() -> Any:
@@ -147,23 +368,40 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
 
     @app.get("/api/rollouts")
     def api_rollouts() -> Any:
-        return jsonify(store.rollouts(int(request.args.get("limit", 50))))
+        return jsonify(store.rollouts(limit_arg(50)))
 
     @app.get("/api/rollouts/<rollout>")
     def api_rollout(rollout: str) -> Any:
-        r = store.rollout(rollout)
+        r = store.rollout(rollout) if NAME_RE.fullmatch(rollout) else None
         if r is None:
-            return jsonify({"id": rollout, "state": "pending", "hosts": [], "logs": []}), 404
-        return jsonify(r)
+            return jsonify({"id": rollout, "state": "pending", "hosts": [], "logs": [],
+                            "final": False, "controls": [], "progress": ""}), 404
+        return jsonify(rollout_view(r))
 
     @app.post("/api/rollouts")
     def api_start() -> Any:
         check_csrf()
+        data = request.get_json(force=True)
+        if not isinstance(data, dict):
+            return jsonify({"error": "the body must be a JSON object"}), 400
         try:
-            rollout = start_rollout(request.get_json(force=True) or {}, current_user())
-        except DeployBusError as exc:
-            return jsonify({"error": str(exc)}), 400
+            rollout = start_rollout(data, current_user())
+        except FieldError as exc:
+            return jsonify({"error": str(exc), "field": exc.field}), 400
         return jsonify({"rollout": rollout, "url": url_for("api_rollout", rollout=rollout)}), 202
+
+    @app.post("/api/rollouts/<rollout>/control")
+    def api_control(rollout: str) -> Any:
+        """Pause, resume, promote or abort: ``{"action": ...}`` -> 202
+        ``{"sent": action}``; 400 unknown action, 404 unknown rollout, 409 final."""
+        check_csrf()
+        data = request.get_json(force=True, silent=True)
+        action = data.get("action") if isinstance(data, dict) else None
+        refused = control_refusal(rollout, action)
+        if refused:
+            return jsonify({"error": refused[1]}), refused[0]
+        send_control(rollout, str(action), current_user())
+        return jsonify({"sent": action}), 202
 
     @app.get("/api/csrf")
     def api_csrf() -> Any:

@@ -349,7 +349,10 @@ class AmqpTransport(Transport):
             conn = self._pub
             try:
                 if self._producer is None:
-                    conn.ensure_connection(max_retries=3)
+                    # the publish's retry policy: within about publish_timeout
+                    conn.ensure_connection(max_retries=self.publish_retries,
+                                           errback=self._errback, interval_start=0.2,
+                                           interval_step=0.5, interval_max=2)
                     self._producer = conn.Producer(serializer=None)
                 q(self._producer.channel).declare()
             except _AUTH_ERRORS as exc:

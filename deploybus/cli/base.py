@@ -91,7 +91,8 @@ def main() -> None:
     cli(prog_name="deploybus")
 
 
-def _context(state: State, host: str | None, *, daemon: str, need_key: bool = False) -> Context:
+def _context(state: State, host: str | None, *, daemon: str, need_key: bool = False,
+             publish_timeout: float = 30.0) -> Context:
     from deploybus.bus import connect
     from deploybus.runner import Context
 
@@ -107,7 +108,8 @@ def _context(state: State, host: str | None, *, daemon: str, need_key: bool = Fa
         click.echo(f"deploybus: {cfg.path}: keys.signing is required for {daemon}", err=True)
         sys.exit(EXIT_CONFIG)
     try:
-        bus = connect(cfg.bus_url, client_name=f"{daemon}@{host or socket.gethostname()}")
+        bus = connect(cfg.bus_url, client_name=f"{daemon}@{host or socket.gethostname()}",
+                      publish_timeout=publish_timeout)
     except BusError as exc:
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

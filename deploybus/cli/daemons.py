@@ -9,6 +9,9 @@ import click
 
 from deploybus.cli.base import State, _context, _run, cli, host_option, pass_state
 
+#: Seconds the web front end tries to publish before it answers 503.
+WEB_PUBLISH_TIMEOUT = 3.0
+
 
 def _setup_logging() -> None:
     from deploybus import log  # structlog: only daemons pay for it
@@ -69,7 +72,9 @@ def web(state: State, bind: str, port: int) -> None:
     """Run the web front end and JSON API."""
     from deploybus.frontend.server import WebServer
     _setup_logging()
-    ctx = _context(state, None, daemon="web", need_key=True)
+    # A person waits on every publish: with the broker away, say so in
+    # seconds (503) rather than after the daemons' 30 s of retries.
+    ctx = _context(state, None, daemon="web", need_key=True, publish_timeout=WEB_PUBLISH_TIMEOUT)
     _run("web", ctx, [WebServer(ctx, bind=bind, port=port)])
 
 

@@ -42,6 +42,10 @@ ROLLOUT_TTL = 3600
 #: Seconds ``--wait`` waits for the orchestrator's first word before saying so.
 SILENCE_HINT_AFTER = 10.0
 
+#: Seconds a command keeps trying to publish while the broker is away
+#: before it says so (a daemon keeps trying for 30).
+CLI_PUBLISH_TIMEOUT = 10.0
+
 #: Seconds pause/resume/promote/abort wait for the orchestrator's answer.
 CONTROL_TIMEOUT = 30.0
 
@@ -134,7 +138,7 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
             final.update(env.body)
             finished.set()
 
-    bus = connect(cfg.bus_url, client_name=f"cli-{rollout}")
+    bus = connect(cfg.bus_url, client_name=f"cli-{rollout}", publish_timeout=CLI_PUBLISH_TIMEOUT)
     try:
         if wait:
             follow(bus, cfg, rollout, handle, events=verbose)
@@ -332,7 +336,7 @@ def control(state: State, rollout: str, action: str, user: str | None,
             answer.update(e.body)
             answered.set()
 
-    bus = connect(cfg.bus_url, client_name=f"cli-{action}")
+    bus = connect(cfg.bus_url, client_name=f"cli-{action}", publish_timeout=CLI_PUBLISH_TIMEOUT)
     try:
         follow(bus, cfg, rollout, handle)
         # Into the orchestrator's queue even if none has run yet; it expires

@@ -1,69 +1,33 @@
 """The newcomer's path in a real browser: `deploybus up`, open the page, pick a
 tag and a server, press Deploy, watch the rollout succeed, see the release on
-the dashboard. Chromium from Debian, driven by Playwright."""
+the dashboard; the same pages on a phone; errors that name the field.
+Chromium from Debian, driven by Playwright."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.browser.harness import PHONE, api_post, fits_the_width, free_port, screenshot, serve
+
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("up")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deploybus.cli", "up", "--port", str(port),
-                             "--data", str(data)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"deploybus up did not come up:\n{proc.stdout.read()}")
-        time.sleep(0.3)
-    yield base, data
-    proc.terminate()
-    assert proc.wait(30) == 0, "warm stop of deploybus up exits 0"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
-                    "(apt-get install chromium)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    server = serve([sys.executable, "-m", "deploybus.cli", "up", "--port", str(port),
+                    "--data", str(data)], port)
+    yield next(server), data
+    next(server, None)
 
 
 def test_healthz_reports_ok(up) -> None:  # noqa: ANN001
@@ -104,7 +68,9 @@ def test_deploy_from_the_web_page_lands(up, browser, tmp_path: Path) -> None:  #
             break
         assert time.monotonic() < deadline, row.inner_text()
         time.sleep(1)
-    assert row.locator("td").nth(2).inner_text() == "up"
+    # the verdict of `deploybus hosts`, with the daemons it rests on
+    assert row.locator("td.verdict span").inner_text() == "up"
+    assert row.locator("td.verdict small.detail").inner_text().startswith("agent ")
     assert os.readlink(current).endswith(row.locator("td.release").inner_text())
     page.close()
 
@@ -126,3 +92,77 @@ def test_form_without_csrf_token_is_rejected(up) -> None:  # noqa: ANN001
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 400
+
+
+def test_empty_form_names_the_field(up, browser) -> None:  # noqa: ANN001
+    base, _ = up
+    page = browser.new_page()
+    page.goto(base + "/")
+    with page.expect_navigation():
+        page.click("#deploy-button")
+    assert page.locator(".error").inner_text() == "Tag or ref: enter a tag (like v1.2.3) or a ref"
+    assert page.locator("#ref-error").is_visible()
+    assert page.get_attribute("#ref", "aria-invalid") == "true"
+    assert "1-200 characters" not in page.content()
+    page.close()
+
+
+def test_pages_fit_a_phone(up, browser, tmp_path: Path) -> None:  # noqa: ANN001
+    """At 375 px the page never scrolls sideways (wide tables scroll in their
+    card), the navigation leads back, and the deploy form is usable."""
+    base, _ = up
+    context = browser.new_context(viewport=PHONE)
+    page = context.new_page()
+    page.goto(base + "/")
+    status, body = api_post(page, "/api/rollouts", {"project": "sample", "environment": "demo",
+                                                   "ref": "v1.0.0"})
+    assert status == 202, body
+    page.goto(base + f"/rollouts/{body['rollout']}")
+    page.wait_for_function("document.getElementById('state').textContent === 'succeeded'",
+                           timeout=30000)
+    assert page.locator("#progress").inner_text() == "1 of 1 host succeeded"
+    assert page.locator("#log").inner_text()  # long lines wrap inside the card
+    assert fits_the_width(page), "the rollout page scrolls sideways at 375 px"
+    screenshot(page, tmp_path / "phone-rollout.png")
+
+    page.click(".back a")
+    page.wait_for_url(base + "/rollouts")
+    row = page.locator(f"tr[data-rollout='{body['rollout']}']")
+    assert row.locator(".state").inner_text() == "succeeded"
+    assert fits_the_width(page), "the recent-rollouts page scrolls sideways at 375 px"
+
+    page.click("header nav >> text=Dashboard")
+    page.wait_for_url(base + "/")
+    assert fits_the_width(page), "the dashboard scrolls sideways at 375 px"
+    # the deploy form fits: every field and the button are inside the screen
+    for sel in ("#project", "#ref", "#environment", "#deploy-button"):
+        box = page.locator(sel).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], sel
+    screenshot(page, tmp_path / "phone-dashboard.png")
+    context.close()
+
+
+def test_failed_rollout_shows_its_reason_in_red(up, browser) -> None:  # noqa: ANN001
+    base, _ = up
+    page = browser.new_page()
+    page.goto(base + "/")
+    status, body = api_post(page, "/api/rollouts", {"project": "sample", "environment": "demo",
+                                                   "ref": "v9.9.9"})
+    assert status == 202, body
+    page.goto(base + f"/rollouts/{body['rollout']}")
+    page.wait_for_function("document.getElementById('state').textContent === 'failed'",
+                           timeout=30000)
+    assert page.get_attribute("#state", "class") == "state state-failed"
+    reason = page.locator("#reason")
+    assert reason.is_visible() and reason.get_attribute("class") == "notice notice-error"
+    assert "'v9.9.9' not found" in reason.inner_text()
+    assert page.locator("#controls").is_hidden()
+    page.close()
+
+
+def test_rollouts_limit_that_is_not_a_number_is_400(up) -> None:  # noqa: ANN001
+    base, _ = up
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base + "/api/rollouts?limit=abc")
+    assert err.value.code == 400
+    assert "limit must be a whole number" in json.loads(err.value.read())["error"]
