@@ -8,7 +8,7 @@ config's environments name gets its fetcher, agent and keepalive here
 holds everything (created on first run, reused after)::
 
     <data>/deploybus.yaml   the config it runs with (edit it, restart)
-    <data>/keys/            the signing key the web and orchestrator use
+    <data>/keys/            the web's, the orchestrator's and host local's keys
     <data>/git/sample.git   the sample project's repository (tags v1.0.0, v1.1.0)
     <data>/deploy/          deploy root of host "local": sample/current, releases/
     <data>/state/ state.db  mirrors, agent journal, rollout store
@@ -32,17 +32,22 @@ log = structlog.get_logger("deploybus.up")
 
 HOST = "local"
 
+#: Keys made in <data>/keys on first run: the web's, the orchestrator's, host local's.
+KEYS = ("web", "orchestrator", HOST)
+
 CONFIG = """\
 # deploybus up: the all-in-one config. Everything runs in one process on the
 # in-process bus; see docs/configuration.md for every key.
 bus:
   url: memory://deploybus-up
 keys:
-  signing: keys/deploybus.key
+  # every message is signed; each key has a role (docs/security.md)
   trusted:
-    deploybus: keys/deploybus.pub
+    web: {key: keys/web.pub, role: web}
+    orchestrator: {key: keys/orchestrator.pub, role: orchestrator}
+    local: {key: keys/local.pub, role: host}
   policy:
-    - signer: deploybus
+    - signer: web
       projects: ["*"]
       environments: ["*"]
 state:
@@ -52,6 +57,7 @@ hosts:
     root: deploy
     state_dir: state/local
     heartbeat: 3
+    signing: keys/local.key
 projects:
   sample:
     git: git/sample.git
@@ -93,8 +99,9 @@ def prepare(data: Path) -> Path:
     """Create the data directory on first run; return the config path."""
     data.mkdir(parents=True, exist_ok=True)
     cfg = data / "deploybus.yaml"
-    if not (data / "keys" / "deploybus.key").exists():
-        SigningKey.generate("deploybus").save(data / "keys")
+    for name in KEYS:
+        if not (data / "keys" / f"{name}.key").exists():
+            SigningKey.generate(name).save(data / "keys")
     if not (data / "git" / "sample.git").exists():
         make_sample_repo(data / "git" / "sample.git")
     (data / "state").mkdir(exist_ok=True)
@@ -112,9 +119,17 @@ def run(data: Path, *, bind: str = "127.0.0.1", port: int = 8080) -> int:
     from deploybus.store import Store
 
     data = data.resolve()
+    if (data / "keys" / "deploybus.key").exists() and not (data / "keys" / "web.key").exists():
+        log.error("config error", error=f"{data} was made by an older deploybus (one key for "
+                                        f"everything); move it away or delete it, and "
+                                        f"`deploybus up` makes a new one")
+        return EXIT_CONFIG
     try:
         cfg = configmod.load(prepare(data))
-        key = cfg.load_signing_key()
+        web_key = cfg.load_signing_key(path=data / "keys" / "web.key")
+        orchestrator_key = cfg.load_signing_key(path=data / "keys" / "orchestrator.key")
+        host_keys = {h: cfg.load_signing_key(h) for h in dict.fromkeys(
+            h for e in cfg.environments.values() for h in e.hosts)}
     except configmod.ConfigError as exc:
         log.error("config error", error=str(exc))
         return EXIT_CONFIG
@@ -130,14 +145,17 @@ def run(data: Path, *, bind: str = "127.0.0.1", port: int = 8080) -> int:
                 return EXIT_CONFIG
             places[place] = host
     bus = connect(cfg.bus_url, client_name="up")
-    ctx = Context(config=cfg, bus=bus, host=hosts[0] if hosts else HOST, signing_key=key)
+    ctx = Context(config=cfg, bus=bus, host=hosts[0] if hosts else HOST,
+                  signing_key=orchestrator_key)
     store = Store(cfg.state_url)
     services: list[Service] = [Orchestrator(ctx, store)]
     for host in hosts:
-        hctx = Context(config=cfg, bus=bus, host=host, signing_key=key, stats=ctx.stats)
+        hctx = Context(config=cfg, bus=bus, host=host, signing_key=host_keys[host],
+                       stats=ctx.stats)
         services += [RepoFetcher(hctx), DeployAgent(hctx), Keepalive(hctx)]
     daemons = list(services)
-    web = WebServer(ctx, bind=bind, port=port, store=store,
+    wctx = Context(config=cfg, bus=bus, host=ctx.host, signing_key=web_key, stats=ctx.stats)
+    web = WebServer(wctx, bind=bind, port=port, store=store,
                     healthy=lambda: all(s.healthy() for s in daemons))
     services.append(web)
     print(f"deploybus is up: open http://{bind}:{web.port}/ and deploy 'sample' "

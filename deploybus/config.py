@@ -3,10 +3,12 @@
 Layout (every key is documented in docs/configuration.md)::
 
     bus:          {url, prefetch}
-    keys:         {signing, trusted: {name: path-or-line}, policy: [{signer, projects, environments}]}
+    keys:         {signing, trusted: {name: {key: path-or-line, role, host}},
+                   policy: [{signer | role, projects, environments}]}
     state:        {url}                      # SQLAlchemy URL of the rollout store
-    defaults:     {root, state_dir, heartbeat}          # per-host defaults
-    hosts:        {name: {root, state_dir, heartbeat}}  # optional per-host overrides
+    web:          {allowed_hosts: [..]}      # Host names the web front end answers to
+    defaults:     {root, state_dir, heartbeat}                   # per-host defaults
+    hosts:        {name: {root, state_dir, heartbeat, signing}}  # optional per-host overrides
     projects:     {name: {git, scripts: {pre, post, post_switch}, script_timeout, keep,
                           shared: [..], health: {command|url, retries, interval, timeout},
                           user, group, output: {interval, lines, line_chars, max_bytes}}}
@@ -117,6 +119,19 @@ class HostConfig:
     state_dir: Path
     #: Seconds between the heartbeats of this host's daemons.
     heartbeat: float = HEARTBEAT
+    #: The private key this host's daemons sign with (its role: host); None:
+    #: keys.signing. Lets one config serve several hosts on one machine.
+    signing: Path | None = None
+    signing_line: int | None = None
+
+
+#: Host names the web answers to unless ``web.allowed_hosts`` says otherwise:
+#: the loopback names a browser on the same machine uses.
+WEB_ALLOWED_HOSTS = ("127.0.0.1", "localhost")
+
+#: A DNS host name (RFC 1123 labels, ASCII; IDNs in their ``xn--`` form).
+_HOST_NAME_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 @dataclass
@@ -127,9 +142,11 @@ class Config:
     signing_key: Path | None = None
     #: Line of keys.signing in the file, for errors about the key.
     signing_key_line: int | None = None
-    trusted: dict[str, Any] = field(default_factory=dict)  # name -> Ed25519PublicKey
+    trusted: dict[str, Any] = field(default_factory=dict)  # name -> signing.TrustedKey
     policy: list[Any] = field(default_factory=list)        # PolicyRule
     state_url: str = "sqlite:///deploybus.db"
+    #: Host names (or IPv4 addresses) the web answers to; any other Host header is a 400.
+    web_allowed_hosts: list[str] = field(default_factory=lambda: list(WEB_ALLOWED_HOSTS))
     default_root: Path = Path("/srv/deploy")
     default_state_dir: Path = Path("/var/lib/deploybus")
     default_heartbeat: float = HEARTBEAT
@@ -151,20 +168,32 @@ class Config:
                 names.update(env.projects if env.projects is not None else self.projects)
         return [self.projects[n] for n in sorted(names)]
 
-    def load_signing_key(self) -> Any:
-        """The private key keys.signing names; a ConfigError that names the
-        config file, line and key, the key file and what to do if it cannot
-        be read."""
+    def signing_path(self, host: str | None = None) -> tuple[Path | None, str, int | None]:
+        """The private key a process signs with (host ``host``'s own key if the
+        config gives it one, else keys.signing), the config key naming it and
+        that key's line."""
+        hc = self.hosts.get(host) if host else None
+        if hc is not None and hc.signing is not None:
+            return hc.signing, f"hosts.{host}.signing", hc.signing_line
+        return self.signing_key, "keys.signing", self.signing_key_line
+
+    def load_signing_key(self, host: str | None = None, path: Path | None = None) -> Any:
+        """The private key to sign with (:meth:`signing_path`, or ``path``); a
+        ConfigError that names the config file, line and key, the key file
+        and what to do if it cannot be read."""
         from deploybus.signing import SigningKey
-        if self.signing_key is None:
+        where, line = "--key", None
+        if path is None:
+            path, where, line = self.signing_path(host)
+        if path is None:
             raise ConfigError("no signing key configured: add keys.signing (a private key "
-                              "made with `deploybus keys generate NAME --dir DIR`)",
+                              "made with `deploybus keys generate NAME --role ROLE --dir DIR`)",
                               path=str(self.path), key="keys.signing")
         try:
-            return SigningKey.load(self.signing_key)
+            return SigningKey.load(path)
         except ConfigError as exc:
-            raise ConfigError(f"{exc}; {_key_hint(self.signing_key)}", path=str(self.path),
-                              line=self.signing_key_line, key="keys.signing") from None
+            raise ConfigError(f"{exc}; {_key_hint(path)}", path=str(self.path), line=line,
+                              key=where) from None
 
     def verifier(self, replay_path: Path | None = None) -> Any:
         from deploybus.signing import ReplayCache, Verifier
@@ -300,11 +329,12 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def parse(text: str, path: Path) -> Config:
-    from deploybus.signing import PolicyRule, parse_public
+    from deploybus.protocol import Role
+    from deploybus.signing import REQUESTERS, PolicyRule, TrustedKey, key_id, parse_public
 
     c = _Checker(path, text)
-    top = c.mapping(c.data, (), ("bus", "keys", "state", "defaults", "hosts", "projects",
-                                 "environments"))
+    top = c.mapping(c.data, (), ("bus", "keys", "state", "web", "defaults", "hosts",
+                                 "projects", "environments"))
     cfg = Config(path=path)
 
     bus = c.mapping(top.get("bus"), ("bus",), ("url", "prefetch"))
@@ -322,31 +352,74 @@ def parse(text: str, path: Path) -> Config:
     if keys.get("signing") is not None:
         cfg.signing_key = c.path_value(keys["signing"], ("keys", "signing"))
         cfg.signing_key_line = c.lines.get(("keys", "signing"))
+    roles = ", ".join(r.value for r in Role)
     for name, value in c.mapping(keys.get("trusted"), ("keys", "trusted"), None).items():
         at: tuple[str, ...] = ("keys", "trusted", str(name))
         c.name(name, at)
-        text_value = c.string(value, at)
+        if not isinstance(value, dict):
+            raise c.fail(at, f"give the key and its role: {{key: <file or 'ed25519 ...' "
+                             f"line>, role: <{roles}>}}")
+        entry = c.mapping(value, at, ("key", "role", "host"))
+        for k in ("key", "role"):
+            if k not in entry:
+                raise c.fail(at, f"missing key {k!r}")
+        role_text = c.string(entry["role"], at + ("role",))
+        try:
+            role = Role(role_text)
+        except ValueError:
+            raise c.fail(at + ("role",), f"unknown role {role_text!r:.40}; one of "
+                                         f"{roles}") from None
+        text_value = c.string(entry["key"], at + ("key",))
         if not text_value.startswith("ed25519 "):
-            kp = c.path_value(text_value, at)
+            kp = c.path_value(text_value, at + ("key",))
             try:
                 text_value = kp.read_text()
             except OSError as exc:
-                raise c.fail(at, f"cannot read public key {kp}: {exc.strerror}") from None
+                raise c.fail(at + ("key",), f"cannot read public key {kp}: "
+                                            f"{exc.strerror}") from None
         try:
-            cfg.trusted[name] = parse_public(text_value, where=f"key {name}")
+            public = parse_public(text_value, where=f"key {name}")
         except ConfigError as exc:
-            raise c.fail(at, str(exc)) from None
+            raise c.fail(at + ("key",), str(exc)) from None
+        host = None
+        if role is Role.HOST:
+            host = c.name(entry["host"], at + ("host",)) if "host" in entry else str(name)
+        elif "host" in entry:
+            raise c.fail(at + ("host",), "only a host key speaks for a host")
+        cfg.trusted[name] = TrustedKey(name=str(name), role=role, public=public, host=host)
+    seen_ids: dict[str, str] = {}
+    for name, tk in cfg.trusted.items():
+        kid = key_id(tk.public)
+        if kid in seen_ids:
+            raise c.fail(("keys", "trusted", name), f"the same key as {seen_ids[kid]!r}: one "
+                                                    f"key, one role")
+        seen_ids[kid] = name
     policy = keys.get("policy") or []
     if not isinstance(policy, list):
         raise c.fail(("keys", "policy"), "expected a list of rules")
+    requesters = ", ".join(r.value for r in REQUESTERS)
     for i, rule in enumerate(policy):
         at = ("keys", "policy", str(i))
-        r = c.mapping(rule, at, ("signer", "projects", "environments"))
-        signer = c.name(r.get("signer"), at + ("signer",))
-        if signer not in cfg.trusted:
-            raise c.fail(at + ("signer",), f"signer {signer!r} is not in keys.trusted")
+        r = c.mapping(rule, at, ("signer", "role", "projects", "environments"))
+        if ("signer" in r) == ("role" in r):
+            raise c.fail(at, "give exactly one of 'signer' (a key's name) or 'role'")
+        signer, rule_role = None, None
+        if "signer" in r:
+            signer = c.name(r["signer"], at + ("signer",))
+            if signer not in cfg.trusted:
+                raise c.fail(at + ("signer",), f"signer {signer!r} is not in keys.trusted")
+            if cfg.trusted[signer].role not in REQUESTERS:
+                raise c.fail(at + ("signer",), f"{signer!r} is a {cfg.trusted[signer].role} "
+                                               f"key; the policy is for keys that ask for "
+                                               f"rollouts ({requesters})")
+        else:
+            role_text = c.string(r["role"], at + ("role",))
+            if role_text not in {x.value for x in REQUESTERS}:
+                raise c.fail(at + ("role",), f"the policy is for roles that ask for rollouts: "
+                                             f"{requesters}")
+            rule_role = Role(role_text)
         cfg.policy.append(PolicyRule(
-            signer=signer,
+            signer=signer, role=rule_role,
             projects=c.strings(r.get("projects", ["*"]), at + ("projects",)),
             environments=c.strings(r.get("environments", ["*"]), at + ("environments",))))
 
@@ -356,6 +429,14 @@ def parse(text: str, path: Path) -> Config:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = "sqlite:///" + str((path.parent / url[len("sqlite:///"):]).resolve())
         cfg.state_url = url
+
+    web = c.mapping(top.get("web"), ("web",), ("allowed_hosts",))
+    if "allowed_hosts" in web:
+        web_at = ("web", "allowed_hosts")
+        cfg.web_allowed_hosts = [_web_host(c, h, web_at + (str(i),)) for i, h in
+                                 enumerate(c.strings(web["allowed_hosts"], web_at))]
+        if not cfg.web_allowed_hosts:
+            raise c.fail(web_at, "expected at least one host name")
 
     defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir", "heartbeat"))
     if "heartbeat" in defaults:
@@ -369,14 +450,16 @@ def parse(text: str, path: Path) -> Config:
     for name, h in c.mapping(top.get("hosts"), ("hosts",), None).items():
         at = ("hosts", str(name))
         c.name(name, at)
-        h = c.mapping(h, at, ("root", "state_dir", "heartbeat"))
+        h = c.mapping(h, at, ("root", "state_dir", "heartbeat", "signing"))
         cfg.hosts[name] = HostConfig(
             name,
             c.path_value(h["root"], at + ("root",)) if "root" in h else cfg.default_root,
             c.path_value(h["state_dir"], at + ("state_dir",)) if "state_dir" in h
             else cfg.default_state_dir,
             c.number(h["heartbeat"], at + ("heartbeat",), minimum=0.1) if "heartbeat" in h
-            else cfg.default_heartbeat)
+            else cfg.default_heartbeat,
+            c.path_value(h["signing"], at + ("signing",)) if "signing" in h else None,
+            c.lines.get(at + ("signing",)))
 
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))
@@ -452,6 +535,22 @@ def parse(text: str, path: Path) -> Config:
                                      at + ("request_timeout",), minimum=1),
             ack_timeout=c.number(ev.get("ack_timeout", 30), at + ("ack_timeout",), minimum=1),
             strategy=strategy, windows=windows, haproxy=haproxy)
+    # A host has one `current` per project: two environments deploying the
+    # same project to the same host would move each other's, and a key
+    # allowed only one of them could move the other's. (An environment
+    # without `projects:` deploys every project.)
+    deployed_by: dict[tuple[str, str], str] = {}
+    for ename, ec in cfg.environments.items():
+        for i, host in enumerate(ec.hosts):
+            for pn in ec.projects if ec.projects is not None else cfg.projects:
+                first = deployed_by.setdefault((pn, host), ename)
+                if first != ename:
+                    raise c.fail(("environments", ename, "hosts", str(i)),
+                                 f"host {host!r} gets project {pn!r} from both {first!r} and "
+                                 f"{ename!r}: each would move the other's current; deploy a "
+                                 f"project to a host from one environment only (list "
+                                 f"'projects:'), or give this environment hosts of its own "
+                                 f"(with their own root)")
     return cfg
 
 
@@ -478,6 +577,30 @@ def _shared(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:
                 raise c.fail(where, f"{raw!r} overlaps the shared entry {other!r}")
         entries.append(path)
     return entries
+
+
+def _web_host(c: _Checker, value: str, at: tuple[str, ...]) -> str:
+    """A name the web answers to, as a browser sends it in ``Host`` (lower
+    case, no port): a host name or an IPv4 address. IPv6 literals are refused:
+    Werkzeug's trusted-host check cannot match ``[::1]``."""
+    import ipaddress
+    host = value.strip().lower()
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address):
+        raise c.fail(at, f"{value!r:.60}: IPv6 addresses cannot be matched against the Host "
+                         "header; give a host name that resolves to it")
+    if ip is not None:
+        if ip.is_unspecified:
+            raise c.fail(at, f"{value!r:.60} is the wildcard bind address, not a name a "
+                             "browser asks for; list the names people open the web with")
+        return str(ip)
+    if not _HOST_NAME_RE.fullmatch(host) or host.rsplit(".", 1)[-1].isdigit():
+        raise c.fail(at, f"{value!r:.60} is not a host name (letters, digits, '-' and '.', "
+                         "no port, no scheme, no wildcard) or an IPv4 address")
+    return host
 
 
 def _account(c: _Checker, value: Any, at: tuple[str, ...]) -> str | None:

@@ -2,6 +2,13 @@
 
 Driver errors (stomp.py, kombu, git, SQLAlchemy) are translated into these
 where they enter, so daemon loops catch only :class:`DeployBusError`.
+
+Every error class of the core and the daemons is defined here; the modules
+that raise one re-export it (``deploybus.store.StoreError``) so imports of
+the old names keep working. One subclass lives elsewhere on purpose: the
+front end's ``FieldError`` (``frontend/app.py``), raised and caught inside
+the web app only, whose message is written in the deploy form's labels.
+``tests/security/test_errors.py`` keeps it that way.
 """
 
 from __future__ import annotations
@@ -69,3 +76,21 @@ class RefError(DeployBusError):
 
 class DeployError(DeployBusError):
     """A deploy step failed; the old release keeps serving."""
+
+
+class StoreError(DeployBusError):
+    """The state database could not be read or written. The message names the
+    database (credentials redacted), the operation and the driver's reason;
+    every SQLAlchemy error is translated into this (deploybus/store.py)."""
+
+
+class StrategyError(DeployBusError):
+    """A rollout strategy setting is invalid (deploybus/strategy.py)."""
+
+
+class WindowError(DeployBusError):
+    """A deploy window rule or its timezone is malformed (deploybus/windows.py)."""
+
+
+class HAProxyError(DeployBusError):
+    """The HAProxy runtime API refused a command or could not be reached."""

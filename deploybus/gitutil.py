@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import tempfile
 import threading
@@ -27,8 +28,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deploybus import redact
 from deploybus.errors import DeployError, RefError
-from deploybus.refs import check_ref
+from deploybus.refs import DEPLOYABLE, check_ref, is_commit_id, is_full_commit_id
 
 #: A fetch or clone that takes longer than this (seconds) is killed and fails.
 FETCH_TIMEOUT = 600.0
@@ -36,6 +38,14 @@ FETCH_TIMEOUT = 600.0
 #: A ref lookup that takes longer than this (seconds) fails, and its
 #: ``git cat-file`` is replaced.
 RESOLVE_TIMEOUT = 30.0
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``
+    (:func:`deploybus.redact.text`). Every error text this module makes goes
+    through it, since git quotes the URL it was given and a project's
+    ``git`` URL may carry a token; those texts end up in results, logs and
+    web pages."""
+    return redact.text(text)
 
 
 def no_prompts() -> None:
@@ -85,12 +95,101 @@ def update_mirror(state_dir: Path, project: str, url: str, *,
         try:
             r = _git(*cmd, timeout=FETCH_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise DeployError(f"git could not update mirror of {project} from {url}: "
-                              f"no answer within {FETCH_TIMEOUT:.0f}s") from None
+            raise DeployError(redact_text(
+                f"git could not update mirror of {project} from {url}: "
+                f"no answer within {FETCH_TIMEOUT:.0f}s")) from None
         if r.returncode != 0:
-            raise DeployError(f"git could not update mirror of {project} from {url}: "
-                              f"{r.stderr.strip()[-500:] or f'exit {r.returncode}'}")
+            raise DeployError(redact_text(
+                f"git could not update mirror of {project} from {url}: "
+                f"{r.stderr.strip()[-500:] or f'exit {r.returncode}'}"))
     return path
+
+
+def resolve_remote(url: str, ref: str, *, timeout: float = 30) -> tuple[str, str]:
+    """``(full_refname, commit)`` that ``ref`` names in the repository at ``url``.
+
+    Done once, when a rollout is accepted: every host then deploys that
+    commit, whatever its mirror's refs say. git's own lookup is loose (a
+    ``refs/release/1.0`` shadows the tag ``release/1.0``, a branch named
+    ``abc1234`` shadows the commit it abbreviates), so this one is strict:
+
+    * ``refs/tags/X`` and ``refs/heads/X`` are looked up exactly; other
+      ``refs/`` namespaces are refused;
+    * a bare ``X`` is ``refs/tags/X`` or ``refs/heads/X``, refused when both
+      exist or neither does;
+    * a full commit id (40 or 64 hex digits) is taken as it is (its refname
+      is the id; the agent checks the commit exists when it fetches);
+    * an abbreviated commit id is refused: git would resolve it through
+      refs first.
+
+    An annotated tag gives the commit it points at (``refs/tags/X^{}``).
+    One ``git ls-remote`` with the exact refnames; git never prompts for
+    credentials. RefError for a ref that names nothing or more than one
+    thing, DeployError when the repository cannot be asked; URLs in either
+    have their credentials redacted."""
+    check_ref(ref)
+    lowered = ref.lower()
+    if is_full_commit_id(lowered):
+        return lowered, lowered
+    if ref.startswith("refs/"):
+        if not ref.startswith(DEPLOYABLE):
+            raise RefError(f"{ref} is not a tag or a branch: say refs/tags/NAME or "
+                           f"refs/heads/NAME")
+        wanted = [ref]
+    elif is_commit_id(lowered):
+        raise RefError(f"{ref} looks like an abbreviated commit id: give the full commit id "
+                       f"(or refs/tags/{ref} or refs/heads/{ref} for a tag or branch of "
+                       f"that name)")
+    else:
+        wanted = [prefix + ref for prefix in DEPLOYABLE]
+    # An annotated tag's commit is listed only when asked for by name.
+    peeled = [name + "^{}" for name in wanted if name.startswith("refs/tags/")]
+    try:
+        # A group of its own: on timeout, git's helpers (ssh, git-remote-https) go too.
+        proc = subprocess.Popen(
+            ["git", "ls-remote", "--end-of-options", url, *wanted, *peeled],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, errors="replace", env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            process_group=0)
+    except OSError as exc:
+        raise DeployError(f"cannot run git ls-remote: {exc}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise DeployError(redact_text(f"git ls-remote {url}: no answer within "
+                                      f"{timeout:g}s")) from None
+    if proc.returncode != 0:
+        raise DeployError(redact_text(f"git ls-remote {url} failed: "
+                                      f"{err.strip()[-500:] or f'exit {proc.returncode}'}"))
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        oid, _, name = line.partition("\t")
+        found[name] = oid
+    present = [name for name in wanted if name in found]
+    if not present:
+        what = ref if ref.startswith("refs/") else f"tag or branch {ref}"
+        raise RefError(redact_text(f"no {what} in {url}"))
+    if len(present) > 1:
+        raise RefError(f"{ref} is ambiguous: both a tag and a branch named {ref}; say "
+                       f"refs/tags/{ref} or refs/heads/{ref}")
+    (name,) = present
+    commit = found.get(name + "^{}", found[name])
+    if not is_full_commit_id(commit):
+        raise DeployError(redact_text(f"git ls-remote {url} gave {commit!r:.80} for {name}"))
+    return name, commit
+
+
+def has_commit(mirror: Path, commit: str) -> bool:
+    """``commit`` (a full id) is a commit object in ``mirror``. A tag object's
+    id is not a commit, and no ref is consulted: a full id names one object."""
+    if not is_full_commit_id(commit):
+        raise RefError(f"not a full commit id: {commit!r:.80}")
+    try:
+        return resolve(mirror, commit) == commit
+    except RefError:
+        return False
 
 
 def resolve(mirror: Path, ref: str) -> str:
@@ -263,12 +362,14 @@ def export(mirror: Path, commit: str, dest: Path,
         # git being killed by SIGPIPE (exit < 0).
         if archive.returncode > 0 or (archive.returncode != 0 and tar.returncode == 0):
             archive_err.seek(0)
-            raise DeployError(f"git archive of {commit} failed: "
-                              f"{archive_err.read().decode(errors='replace').strip()[-500:]}")
+            raise DeployError(redact_text(
+                f"git archive of {commit} failed: "
+                f"{archive_err.read().decode(errors='replace').strip()[-500:]}"))
         if tar.returncode != 0:
             tar_err.seek(0)
-            raise DeployError(f"unpacking {commit} failed: "
-                              f"{tar_err.read().decode(errors='replace').strip()[-500:]}")
+            raise DeployError(redact_text(
+                f"unpacking {commit} failed: "
+                f"{tar_err.read().decode(errors='replace').strip()[-500:]}"))
         listing.seek(0)
         return listing.read().count(b"\n")
 

@@ -15,11 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from deploybus.errors import DeployBusError
-
-
-class HAProxyError(DeployBusError):
-    """The HAProxy runtime API refused a command or could not be reached."""
+from deploybus.errors import HAProxyError  # still importable from here
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from deploybus import __version__, envelope, topics
+from deploybus import __version__, protocol, topics
 from deploybus.errors import BusError
 
 if TYPE_CHECKING:
@@ -35,17 +35,19 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._loop, daemon=True,
                                        name=f"heartbeat-{daemon}")
 
-    def body(self) -> dict[str, Any]:
-        return {"host": self.ctx.host, "daemon": self.daemon, "version": __version__,
-                "interval": self.interval, **(self.extra() if self.extra else {})}
+    def body(self) -> protocol.Body:
+        """The heartbeat's typed ``presence`` body."""
+        return protocol.parse("presence", {
+            "host": self.ctx.host, "daemon": self.daemon, "version": __version__,
+            "interval": self.interval, **(self.extra() if self.extra else {})})
 
     def beat(self) -> None:
-        """Send one heartbeat now (raises BusError)."""
-        env = envelope.new("presence", self.body(), sender=self.ctx.sender,
-                           ttl=self.interval * 3)
-        if self.ctx.signing_key is not None:
-            env = self.ctx.signing_key.sign(env)
-        self.ctx.bus.publish(topics.PRESENCE, env.encode())
+        """Send one heartbeat now, signed with the host's key (raises BusError);
+        it expires after three intervals, the time after which it no longer
+        counts anyway."""
+        self.ctx.bus.publish(topics.PRESENCE, protocol.seal(
+            self.body(), key=self.ctx.signing_key, sender=self.ctx.sender,
+            ttl=self.interval * 3))
 
     def _loop(self) -> None:
         while not self.stopping.is_set():

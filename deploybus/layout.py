@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -33,13 +34,36 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deploybus.errors import RefError
 from deploybus.gitutil import fsync_dir
+from deploybus.refs import check_name
+
+#: Release ids: a name (no "/", not starting with "."), up to 128 characters.
+#: The agent makes ``<stamp>-<commit[:8]>-<rollout[:8]>`` (44 characters).
+RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_release(value: object) -> str:
+    """Return ``value`` if it can name a release directory; else raise RefError.
+
+    A release id becomes a path under ``releases/`` and the target of
+    ``current``: one read from a message or a journal that could climb out
+    of the project (``../../etc``) must never get that far."""
+    if not isinstance(value, str) or not RELEASE_RE.fullmatch(value) \
+            or value.endswith(".partial"):
+        raise RefError(f"invalid release {value!r:.80}")
+    return value
 
 
 class Layout:
-    """Paths and operations of one project's deploy directory."""
+    """Paths and operations of one project's deploy directory.
+
+    The project name and every release id given to a method that writes or
+    switches are checked (:func:`check_release`), so nothing here reaches
+    outside ``<root>/<project>``."""
 
     def __init__(self, root: Path, project: str) -> None:
+        check_name(project, "project")
         self.dir = root / project
         self.releases = self.dir / "releases"
         self.current = self.dir / "current"
@@ -69,13 +93,17 @@ class Layout:
         return Path(target).name
 
     def info(self, release: str) -> dict[str, Any]:
+        """What ``release``'s record says; {} if it has none (or is no release id)."""
+        if not isinstance(release, str) or not RELEASE_RE.fullmatch(release):
+            return {}
         try:
-            return json.loads((self.meta / "releases" / f"{release}.json").read_text())
+            data = json.loads((self.meta / "releases" / f"{release}.json").read_text())
         except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     def write_info(self, release: str, info: dict[str, Any]) -> None:
-        path = self.meta / "releases" / f"{release}.json"
+        path = self.meta / "releases" / f"{check_release(release)}.json"
         tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
         os.replace(tmp, path)
@@ -165,7 +193,7 @@ class Layout:
 
     def switch(self, release: str) -> None:
         """Point ``current`` at ``release`` atomically."""
-        target = self.releases / release
+        target = self.releases / check_release(release)
         if not target.is_dir():
             raise FileNotFoundError(f"release {release} does not exist")
         tmp = self.dir / f".current.tmp-{uuid.uuid4().hex[:12]}"

@@ -1,11 +1,21 @@
-"""ed25519 signatures, trusted keys, signer policy and replay refusal.
+"""ed25519 signatures, trusted keys with roles, signer policy and replay refusal.
 
-Every action-causing message (a rollout, a deploy request) is signed. A
-:class:`Verifier` accepts a message only when all of these hold: it is signed
-by a trusted key, the signature covers the exact envelope, it is not expired
-and not dated in the future beyond the allowed clock skew, its id was not
-seen before, and the policy lets that signer ask for that project and
-environment. The policy is default-deny.
+Every message on the bus is signed. Each trusted key has a role
+(:class:`deploybus.protocol.Role`): what it may sign is fixed by the role
+(:data:`deploybus.protocol.SENDERS`: only orchestrator keys sign deploy
+requests and rollout status; only a host's own key signs its presence,
+progress and results), and what a person, web or CI key may ask for
+(projects x environments) by the default-deny policy. :class:`Verifier`
+is the one place these rules are checked:
+
+* :meth:`Verifier.identify`: signed by a trusted key, the signature covers
+  the exact envelope, the key's role may send this type, a host's message
+  names that host; for messages that cause nothing, also fresh.
+* :meth:`Verifier.admit`: for messages that cause something (a rollout, a
+  control, a deploy request): not expired, not dated in the future beyond
+  the allowed clock skew, not seen before, and allowed by the policy for
+  its project and environment. Kept apart from identify because an agent
+  answers a redelivered request from its journal before it checks freshness.
 
 Key files: the private key is PKCS#8 PEM (mode 0600); the public key is one
 line ``ed25519 <base64 of the 32 raw bytes> <name>``, the form the config's
@@ -22,7 +32,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -36,6 +46,7 @@ from deploybus.errors import (
     ReplayError,
     SignatureError,
 )
+from deploybus.protocol import ACTIONS, HOST_BOUND, SENDERS, Body, Role
 
 #: Clock difference between hosts that is tolerated for ``at``.
 DEFAULT_SKEW = timedelta(seconds=60)
@@ -117,16 +128,48 @@ class SigningKey:
                              "value": base64.b64encode(value).decode()})
 
 
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key the config trusts, its name and its role; a host key
+    speaks for ``host`` only."""
+
+    name: str
+    role: Role
+    public: Ed25519PublicKey
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed a message: the trusted key's name, role and (host keys) host."""
+
+    name: str
+    role: Role
+    host: str | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: Roles that ask for rollouts; the policy says for what.
+REQUESTERS = frozenset({Role.PERSON, Role.WEB, Role.CI})
+
+
 @dataclass
 class PolicyRule:
-    """``signer`` may ask for ``projects`` in ``environments`` (glob patterns)."""
+    """A key (``signer``) or every key of a ``role`` may ask for rollouts of
+    ``projects`` in ``environments`` (glob patterns)."""
 
-    signer: str
+    signer: str | None = None
+    role: Role | None = None
     projects: list[str] = field(default_factory=lambda: ["*"])
     environments: list[str] = field(default_factory=lambda: ["*"])
 
-    def allows(self, signer: str, project: str, environment: str) -> bool:
-        return (signer == self.signer
+    def allows(self, signer: Signer | str, project: str, environment: str) -> bool:
+        name = signer.name if isinstance(signer, Signer) else signer
+        role = signer.role if isinstance(signer, Signer) else None
+        return ((self.signer is not None and name == self.signer
+                 or self.role is not None and role == self.role)
                 and any(fnmatch.fnmatchcase(project, p) for p in self.projects)
                 and any(fnmatch.fnmatchcase(environment, e) for e in self.environments))
 
@@ -169,46 +212,81 @@ class ReplayCache:
 
 
 class Verifier:
-    """Checks signatures, freshness, replay and policy; see the module docstring."""
+    """Checks signatures, roles, freshness, replay and policy; see the module docstring."""
 
-    def __init__(self, trusted: dict[str, Ed25519PublicKey], policy: list[PolicyRule], *,
+    def __init__(self, trusted: dict[str, TrustedKey], policy: list[PolicyRule], *,
                  replay: ReplayCache | None = None, skew: timedelta = DEFAULT_SKEW) -> None:
-        self.keys = {key_id(k): (name, k) for name, k in trusted.items()}
+        self.keys = {key_id(k.public): k for k in trusted.values()}
         self.policy = policy
         self.replay = replay or ReplayCache()
         self.skew = skew
 
-    def signer(self, env: Envelope) -> str:
-        """The trusted name that signed ``env``; raises if unsigned or bad."""
+    def signer(self, env: Envelope) -> Signer:
+        """Who signed ``env`` with a trusted key; raises if unsigned or bad."""
         if env.sig is None:
             raise SignatureError("message is not signed")
         if env.sig.get("alg") != "ed25519":
             raise SignatureError(f"unsupported signature algorithm {env.sig.get('alg')!r:.30}")
-        entry = self.keys.get(env.sig.get("key", ""))
-        if entry is None:
+        key = self.keys.get(env.sig.get("key", ""))
+        if key is None:
             raise SignatureError(f"signed by unknown key {env.sig.get('key')!r:.40}")
-        name, public = entry
         try:
-            public.verify(base64.b64decode(env.sig["value"], validate=True), env.signing_bytes())
+            key.public.verify(base64.b64decode(env.sig["value"], validate=True),
+                              env.signing_bytes())
         except (InvalidSignature, ValueError):
-            raise SignatureError(f"bad signature (tampered message or wrong key {name})") from None
-        return name
+            raise SignatureError(f"bad signature (tampered message or wrong key "
+                                 f"{key.name})") from None
+        return Signer(key.name, key.role, key.host)
 
-    def verify(self, env: Envelope, *, project: str, environment: str) -> str:
-        """Full check for an action-causing message; returns the signer's name."""
-        name = self.signer(env)
+    def identify(self, env: Envelope, body: Body | None = None) -> Signer:
+        """The signer of ``env``, if its key's role may send this type and a
+        host's message (presence, progress, result) names the host the key
+        speaks for; a message that causes nothing must also be fresh."""
+        signer = self.signer(env)
+        if signer.role not in SENDERS.get(env.type, ()):
+            raise SignatureError(f"{signer.name} ({signer.role}) may not send {env.type}")
+        if env.type in HOST_BOUND:
+            named = getattr(body, "host", None) if body is not None else env.body.get("host")
+            if named != signer.host:
+                raise SignatureError(f"{signer.name} speaks for host {signer.host!r}, "
+                                     f"not {named!r:.70}")
+        if env.type not in ACTIONS:
+            self._fresh(env)
+        return signer
+
+    def _fresh(self, env: Envelope) -> datetime:
         t = now()
-        at = env.at_time
-        if at > t + self.skew:
+        if env.at_time > t + self.skew:
             raise ExpiredError(f"message is dated in the future ({env.at})")
         expires = env.expires_time
         if expires is None:
-            raise ExpiredError("action message without an expiry")
-        if expires - at > MAX_TTL:
+            raise ExpiredError("message without an expiry")
+        if expires - env.at_time > MAX_TTL:
             raise ExpiredError(f"expiry is more than {MAX_TTL} after sending")
         if expires <= t:
             raise LapsedError(f"message expired at {env.expires}")
-        if not any(r.allows(name, project, environment) for r in self.policy):
-            raise SignatureError(f"signer {name!r} may not deploy {project!r} to {environment!r}")
+        return expires
+
+    def allowed(self, signer: Signer, project: str, environment: str) -> bool:
+        """May ``signer`` act on ``project`` in ``environment``? Orchestrator
+        keys may (their requests carry what the policy allowed a requester);
+        person, web and CI keys only as a policy rule says; others never."""
+        if signer.role is Role.ORCHESTRATOR:
+            return True
+        return signer.role in REQUESTERS and any(
+            r.allows(signer, project, environment) for r in self.policy)
+
+    def admit(self, env: Envelope, signer: Signer, *, project: str, environment: str) -> None:
+        """Full check of a message that causes something, from ``signer``
+        (:meth:`identify`): fresh, not a replay, allowed by the policy."""
+        expires = self._fresh(env)
+        if not self.allowed(signer, project, environment):
+            raise SignatureError(f"signer {signer.name!r} ({signer.role}) may not act on "
+                                 f"{project!r} in {environment!r}")
         self.replay.check_and_add(env.id, expires.timestamp() + self.skew.total_seconds())
-        return name
+
+    def verify(self, env: Envelope, *, project: str, environment: str) -> Signer:
+        """:meth:`identify` and :meth:`admit` together; returns the signer."""
+        signer = self.identify(env)
+        self.admit(env, signer, project=project, environment=environment)
+        return signer

@@ -3,12 +3,21 @@
 SQLite file by default, PostgreSQL in production. The orchestrator writes;
 the web front end and the CLI read. Every write is one short transaction, so
 several processes can share one database.
+
+No SQLAlchemy error leaves a :class:`Store` method: each one is translated
+into :class:`StoreError` naming the database (credentials redacted), the
+method and the driver's reason. Free text written here (reasons, step
+messages, log lines) is stored with URL credentials redacted, so no page,
+API answer or ``deploybus history`` shows one, whoever sent it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -28,16 +37,18 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from deploybus.errors import DeployBusError
+from deploybus import redact
+from deploybus.errors import StoreError  # still importable from here
 from deploybus.states import (  # noqa: F401 - re-exported
     FINAL_STATES,
     ROLLOUT_STATES,
     SETTLED_STEPS,
 )
 
+#: Characters of a driver's error message kept in a StoreError.
+MAX_REASON = 500
 
-class StoreError(DeployBusError):
-    """The state database could not be read or written."""
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -59,6 +70,8 @@ class Rollout(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     action: Mapped[str] = mapped_column(String(16), default="deploy")
     target_release: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: The full commit id a deploy's ref resolved to (its requests sign it).
+    commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
     strategy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     override: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -146,6 +159,42 @@ def _aware(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
+def _clean(value: Any) -> Any:
+    """``value`` with URL credentials redacted if it is text."""
+    return redact.text(value) if isinstance(value, str) else value
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the driver's own words, without credentials: not the
+    SQL statement and parameters SQLAlchemy appends, nor the statement
+    PostgreSQL quotes on the next lines (they hold the data)."""
+    orig = getattr(exc, "orig", None)
+    what = orig if isinstance(orig, BaseException) else exc
+    first = next((line.strip() for line in str(what).splitlines() if line.strip()), "")
+    return redact.text(f"{type(what).__name__}: {first}")[:MAX_REASON]
+
+
+def _translate_errors(cls: type[T]) -> type[T]:
+    """Wrap every public method of ``cls`` so that a SQLAlchemy error becomes
+    a :class:`StoreError`: callers (daemon loops, the web) catch only the
+    error tree, and a method added later is covered without thinking of it."""
+    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def translated(self: Store, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except SQLAlchemyError as exc:
+                raise StoreError(f"state database {redact.url(self.url)}: {name} failed: "
+                                 f"{_reason(exc)}") from None
+        return translated
+
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, wrap(name, member))
+    return cls
+
+
+@_translate_errors
 class Store:
     """Short transactions over the state database at ``url``."""
 
@@ -159,9 +208,29 @@ class Store:
             if url.startswith("sqlite"):
                 event.listen(self.engine, "connect", self._sqlite_pragmas)
             Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open state database: {exc}") from None
+            self._add_missing_columns()
+        except (SQLAlchemyError, ImportError) as exc:
+            # ImportError: the URL names a driver that is not installed (psycopg2).
+            raise StoreError(f"cannot open state database {redact.url(url)}: "
+                             f"{_reason(exc)}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_missing_columns(self) -> None:
+        """The one kind of migration this store needs so far: a column added
+        to a table that an older deploybus created (create_all makes missing
+        tables, not missing columns). Added columns are always nullable."""
+        from sqlalchemy import inspect as sa_inspect
+        from sqlalchemy import text
+        have = sa_inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in have.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=self.engine.dialect)
+                with self.engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                      f'{kind}'))
 
     @staticmethod
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -175,16 +244,16 @@ class Store:
     def create_rollout(self, *, id: str, project: str, environment: str, ref: str, user: str,
                        hosts: list[str], state: str = "queued", reason: str | None = None,
                        action: str = "deploy", target_release: str | None = None,
-                       strategy: dict[str, Any] | None = None,
+                       commit: str | None = None, strategy: dict[str, Any] | None = None,
                        override: str | None = None) -> bool:
         """Record a new rollout; False if ``id`` already exists (a redelivery)."""
         with self.session.begin() as s:
             if s.get(Rollout, id) is not None:
                 return False
             s.add(Rollout(id=id, project=project, environment=environment, ref=ref, user=user,
-                          state=state, reason=reason, action=action,
-                          target_release=target_release, strategy=strategy or {},
-                          override=override))
+                          state=state, reason=_clean(reason), action=action,
+                          target_release=target_release, commit=commit,
+                          strategy=strategy or {}, override=_clean(override)))
             for i, h in enumerate(hosts):
                 s.add(HostStep(rollout_id=id, host=h, position=i))
         return True
@@ -195,7 +264,7 @@ class Store:
     def set_rollout(self, id: str, *, state: str, reason: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(Rollout).where(Rollout.id == id)
-                         .values(state=state, reason=reason, updated_at=utcnow()))
+                         .values(state=state, reason=_clean(reason), updated_at=utcnow()))
 
     def set_step(self, rollout_id: str, host: str, **fields: Any) -> None:
         self.set_steps(rollout_id, [host], **fields)
@@ -207,7 +276,8 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(HostStep).where(HostStep.rollout_id == rollout_id,
                                                 HostStep.host.in_(hosts))
-                         .values(**fields, updated_at=utcnow()))
+                         .values(**{k: _clean(v) for k, v in fields.items()},
+                                 updated_at=utcnow()))
 
     def steps(self, rollout_id: str) -> dict[str, dict[str, Any]]:
         with self.session() as s:
@@ -243,7 +313,7 @@ class Store:
                     s.delete(lock)
                     s.flush()
                 s.add(Lock(project=project, environment=environment, rollout_id=rollout_id,
-                           owner=owner, reason=reason, acquired_at=now,
+                           owner=owner, reason=_clean(reason), acquired_at=now,
                            expires_at=now + timedelta(seconds=ttl)))
         except IntegrityError:
             # Another orchestrator took it between our read and insert.
@@ -282,7 +352,8 @@ class Store:
               **detail: Any) -> None:
         with self.session.begin() as s:
             s.add(AuditEntry(actor=actor, action=action, project=project,
-                             environment=environment, rollout_id=rollout_id, detail=detail))
+                             environment=environment, rollout_id=rollout_id,
+                             detail={k: _clean(v) for k, v in detail.items()}))
 
     def audit_trail(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.session() as s:
@@ -301,7 +372,7 @@ class Store:
         at = utcnow()
         with self.engine.begin() as conn:
             conn.execute(insert(LogLine), [{"rollout_id": rollout_id, "host": host,
-                                            "step": step, "text": text, "at": at}
+                                            "step": step, "text": _clean(text), "at": at}
                                            for step, text in lines])
 
     def record_presence(self, name: str, info: dict[str, Any], *,
@@ -342,6 +413,21 @@ class Store:
             return self._rollout_dict(r) | {
                 "logs": [{"host": ln.host, "step": ln.step, "at": _aware(ln.at).isoformat(),
                           "text": ln.text} for ln in logs]}
+
+    def last_release(self, project: str, host: str, *, before: str) -> str | None:
+        """The release the newest rollout of ``project`` other than ``before``
+        (and created before it) left on ``host``: what the orchestrator's own
+        records say runs there, for switching it back."""
+        with self.session() as s:
+            this = s.get(Rollout, before)
+            q = (select(HostStep.release).join(Rollout)
+                 .where(Rollout.project == project, HostStep.host == host,
+                        HostStep.state == "succeeded", HostStep.release.is_not(None),
+                        Rollout.id != before)
+                 .order_by(Rollout.created_at.desc()).limit(1))
+            if this is not None:
+                q = q.where(Rollout.created_at <= this.created_at)
+            return s.scalars(q).first()
 
     def rollouts(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.session() as s:
@@ -396,8 +482,8 @@ class Store:
         return {
             "id": r.id, "project": r.project, "environment": r.environment, "ref": r.ref,
             "user": r.user, "state": r.state, "reason": r.reason, "action": r.action,
-            "target_release": r.target_release, "strategy": r.strategy, "override": r.override,
-            "created_at": _aware(r.created_at).isoformat(),
+            "target_release": r.target_release, "commit": r.commit, "strategy": r.strategy,
+            "override": r.override, "created_at": _aware(r.created_at).isoformat(),
             "updated_at": _aware(r.updated_at).isoformat(),
             "hosts": [{"host": st.host, "state": st.state, "release": st.release,
                        "commit": st.commit, "previous_release": st.previous_release,

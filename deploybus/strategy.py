@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeGuard
 
-from deploybus.errors import DeployBusError
+from deploybus.errors import StrategyError  # still importable from here
 
 #: What an environment without a ``strategy:`` gets: one host after another.
 DEFAULTS: dict[str, Any] = {"canary": 0, "batch": "100%", "window": 1, "pause": 0,
                             "max_failures": 0, "auto_rollback": False, "stuck": 900}
-
-
-class StrategyError(DeployBusError):
-    """A strategy setting is invalid."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +64,9 @@ class Strategy:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise StrategyError(f"{name} must be a whole number >= 0")
-        if self.pause != "promote" and (isinstance(self.pause, bool) or
-                                        not isinstance(self.pause, int | float) or self.pause < 0):
+        if self.pause != "promote" and not (_seconds(self.pause) and self.pause >= 0):
             raise StrategyError("pause must be seconds >= 0 or 'promote'")
-        if isinstance(self.stuck, bool) or not isinstance(self.stuck, int | float) or \
-                self.stuck <= 0:
+        if not (_seconds(self.stuck) and self.stuck > 0):
             raise StrategyError("stuck must be seconds > 0")
         if not isinstance(self.auto_rollback, bool):
             raise StrategyError("auto_rollback must be true or false")
@@ -84,7 +78,7 @@ class Strategy:
         """Split ``hosts`` (in order) into the canary phase and the batches."""
         rest = list(hosts)
         phases: list[list[str]] = []
-        if isinstance(self.canary, str) and not self.canary.isdigit():
+        if isinstance(self.canary, str) and not self.canary.isdecimal():
             if self.canary not in rest:
                 raise StrategyError(f"canary host {self.canary!r} is not in this rollout")
             rest.remove(self.canary)
@@ -103,6 +97,13 @@ class Strategy:
         return min(self.window, len(phase)) if self.window else len(phase)
 
 
+def _seconds(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a finite number of seconds (JSON bodies may say
+    ``NaN`` or ``Infinity``, which compare false with everything)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and \
+        math.isfinite(value)
+
+
 def batch_size(batch: int | str, total: int) -> int:
     """Hosts per batch for ``batch`` (a count or ``"N%"``) of ``total`` hosts; at least 1."""
     if isinstance(batch, bool):
@@ -119,6 +120,6 @@ def batch_size(batch: int | str, total: int) -> int:
         if not 0 < pct <= 100:
             raise StrategyError("batch percentage must be in (0, 100]")
         return max(1, math.ceil(total * pct / 100))
-    if isinstance(batch, str) and batch.isdigit():
+    if isinstance(batch, str) and batch.isdecimal():
         return batch_size(int(batch), total)
     raise StrategyError(f"batch {batch!r} must be a count or a percentage like '25%'")

@@ -19,15 +19,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
-from deploybus.errors import DeployBusError
+from deploybus.errors import WindowError  # still importable from here
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _TIME_RULE = re.compile(r"^(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})$")
 _DATE_RULE = re.compile(r"^(?P<start>\d{4}-\d{2}-\d{2})\.\.(?P<end>\d{4}-\d{2}-\d{2})$")
-
-
-class WindowError(DeployBusError):
-    """A window rule is malformed."""
 
 
 def _days(spec: str) -> set[int]:
@@ -103,6 +99,8 @@ class Windows:
     def parse(cls, spec: dict | None) -> Windows:
         spec = spec or {}
         tz = spec.get("timezone", "UTC")
+        if not isinstance(tz, str):
+            raise WindowError(f"timezone must be a name like Europe/Berlin, not {tz!r:.40}")
         if tz != "UTC":
             # zoneinfo (and its tz database) only for environments that name a zone
             from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

@@ -1,5 +1,14 @@
 """Flask application: dashboard, deploy form, live rollout page with its
-controls, recent rollouts, JSON API."""
+controls, recent rollouts, JSON API.
+
+What it trusts and shows: it answers only to the host names of
+``web.allowed_hosts`` (Flask's ``TRUSTED_HOSTS``: any other ``Host`` is a
+400 before a route runs, so a hostile page a browser reaches through DNS
+rebinding gets nothing done); a bad parameter or body is a 400 (JSON under
+``/api/``), never a 500; and no answer carries a credential: every string
+of every JSON answer and every value a template shows goes through
+:func:`deploybus.redact.text`.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +31,12 @@ from flask import (
     session,
     url_for,
 )
-from werkzeug.exceptions import HTTPException
+from flask.json.provider import DefaultJSONProvider
+from markupsafe import Markup
+from werkzeug.exceptions import BadRequest, HTTPException, SecurityError
 
-from deploybus import envelope, topics
-from deploybus.bus import redact
-from deploybus.errors import BusError, DeployBusError
+from deploybus import protocol, redact, topics
+from deploybus.errors import BusError, ConfigError, DeployBusError, StoreError
 from deploybus.liveness import host_rows
 from deploybus.refs import MAX_REF, NAME_RE, check_ref
 from deploybus.runner import Context
@@ -60,6 +70,9 @@ MAX_LIMIT = 500
 FIELD_LABELS = {"project": "Project", "ref": "Tag or ref", "environment": "Environment",
                 "hosts": "Servers", "strategy": "Strategy"}
 
+#: Largest request body taken (a deploy request is a few hundred bytes).
+MAX_BODY = 1024 * 1024
+
 #: The box a rollout's reason is shown in, by state: only what went wrong is
 #: red; a pause waits for a person and is information.
 NOTICE_TONE = {"queued": "info", "running": "info", "paused": "info",
@@ -69,11 +82,33 @@ NOTICE_TONE = {"queued": "info", "running": "info", "paused": "info",
 
 class FieldError(DeployBusError):
     """One field of a deploy request is wrong. The message starts with the
-    field's label (``Tag or ref: ...``); ``field`` is its key."""
+    field's label (``Tag or ref: ...``); ``field`` is its key.
+
+    Defined here, not in :mod:`deploybus.errors`: it is raised and caught
+    inside this module only, and it speaks the deploy form's labels, which
+    the core has no business knowing."""
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{FIELD_LABELS[field]}: {message}")
+
+
+class RedactingJSON(DefaultJSONProvider):
+    """Flask's JSON, with URL credentials redacted from every string: no API
+    answer (nor a page's ``tojson``) can carry one, whatever a route put in."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return super().dumps(redact.deep(obj), **kwargs)
+
+
+def shown(value: Any) -> Any:
+    """Jinja's ``finalize``: every value a template prints, URL credentials
+    redacted (markup stays markup)."""
+    if isinstance(value, str):
+        clean = redact.text(value)
+        if clean != value:
+            return Markup(clean) if isinstance(value, Markup) else clean
+    return value
 
 
 def awaiting_promote(record: Mapping[str, Any]) -> bool:
@@ -137,8 +172,18 @@ def rollout_view(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lambda: True,
                secret_key: bytes | None = None) -> Flask:
+    """The web app over ``ctx`` (config, bus, signing key) and ``store``; it
+    answers to the host names of ``ctx.config.web_allowed_hosts`` only."""
+    allowed_hosts = list(ctx.config.web_allowed_hosts)
+    if not allowed_hosts:
+        # Flask would read an empty list as "any host".
+        raise ConfigError("web.allowed_hosts is empty; name at least one host",
+                          path=str(ctx.config.path), key="web.allowed_hosts")
     app = Flask(__name__)
     app.secret_key = secret_key or secrets.token_bytes(32)
+    app.config.update(TRUSTED_HOSTS=allowed_hosts, MAX_CONTENT_LENGTH=MAX_BODY)
+    app.json = RedactingJSON(app)
+    app.jinja_options = {**app.jinja_options, "finalize": shown}
     tag_cache: dict[str, tuple[float, list[dict[str, str]]]] = {}
 
     def tags(project: str) -> list[dict[str, str]]:
@@ -148,7 +193,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         pc = ctx.config.projects[project]
         try:
             out = str(git.cmd.Git().ls_remote("--tags", "--refs", "--", pc.git))
-        except git.GitCommandError:
+        except (git.CommandError, OSError):  # its message may quote the URL: not shown
             out = ""
         result = []
         for line in out.splitlines():
@@ -170,8 +215,23 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
 
     def check_csrf() -> None:
         sent = request.form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
-        if not hmac.compare_digest(sent, session.get("csrf", "")) or not sent:
+        # as bytes: compare_digest refuses str with non-ASCII characters (a 500)
+        if not sent or not hmac.compare_digest(sent.encode(),
+                                               str(session.get("csrf", "")).encode()):
             abort(400, "missing or wrong CSRF token; reload the page")
+
+    def json_body(*, silent: bool = False) -> Any:
+        """The request's JSON body; a 400 saying so, never a 500, when it is
+        not JSON (None instead with ``silent``). Nesting deeper than Python's
+        recursion limit raises RecursionError, which Flask lets through."""
+        try:
+            return request.get_json(force=True, silent=silent)
+        except BadRequest:
+            abort(400, "the body is not valid JSON")
+        except RecursionError:
+            if not silent:
+                abort(400, "the body is not valid JSON: nested too deeply")
+        return None
 
     app.jinja_env.globals.update(csrf_token=csrf_token, host_counts=host_counts)
 
@@ -182,12 +242,28 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
             return jsonify({"error": exc.description}), exc.code
         return exc
 
+    @app.errorhandler(SecurityError)
+    def untrusted_host(exc: SecurityError) -> Any:
+        """A ``Host`` not in ``web.allowed_hosts``: 400 before any route ran."""
+        exc.description = (f"this server does not answer to the host name "
+                           f"{request.headers.get('Host', '')!r:.80}; open it by a name in "
+                           "web.allowed_hosts (or add this one there); nothing was done")
+        return http_error(exc)
+
+    @app.errorhandler(StoreError)
+    def store_error(exc: StoreError) -> Any:
+        """The state database cannot be read or written: 503, saying so."""
+        message = f"the state database is not available; try again later ({exc})"
+        if request.path.startswith("/api/"):
+            return jsonify({"error": message}), 503
+        return render_template("error.html", error=message), 503
+
     @app.errorhandler(BusError)
     def bus_error(exc: BusError) -> Any:
         """The broker is unreachable (or refuses us): 503 at once, saying that
         nothing was sent. The web's transport gives up on a publish within a
         few seconds (``deploybus web`` connects with a short publish timeout)."""
-        message = (f"the message bus {redact(ctx.config.bus_url)} cannot be reached, so "
+        message = (f"the message bus {redact.url(ctx.config.bus_url)} cannot be reached, so "
                    f"nothing was sent; try again when it is back ({exc})")
         if request.path.startswith("/api/"):
             return jsonify({"error": message}), 503
@@ -245,13 +321,19 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
             except DeployBusError as exc:
                 raise FieldError("strategy", str(exc)) from None
         rollout = uuid.uuid4().hex[:16]
-        env = envelope.new("deploy.rollout", {
-            "rollout": rollout, "project": project, "environment": environment, "ref": ref,
-            "hosts": chosen, "user": user, "strategy": strategy},
-            sender=f"web@{ctx.host}", correlation=rollout, ttl=ROLLOUT_TTL)
+        try:
+            body = protocol.parse("deploy.rollout", {
+                "rollout": rollout, "project": project, "environment": environment,
+                "ref": ref, "user": user,
+                **({"hosts": chosen} if chosen else {}),
+                **({"strategy": strategy} if strategy else {})})
+        except DeployBusError as exc:
+            raise FieldError("strategy" if "strategy" in str(exc) else "ref",
+                             str(exc)) from None
         # into the orchestrator's queue even if none has run on this broker yet
-        ctx.bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS,
-                            ctx.signing_key.sign(env).encode())
+        ctx.bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS, protocol.seal(
+            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout,
+            ttl=ROLLOUT_TTL))
         return rollout
 
     def control_refusal(rollout: str, action: object) -> tuple[int, str] | None:
@@ -273,11 +355,11 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         """A signed ``deploy.control``, as ``deploybus <action> ROLLOUT`` sends
         it. The answer is not awaited: the page polls the rollout, whose log
         gets ``control: <action> by <user>: <what it did>``."""
-        env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
-                                              "user": user},
-                           sender=f"web@{ctx.host}", correlation=rollout, ttl=CONTROL_TTL)
-        ctx.bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL,
-                            ctx.signing_key.sign(env).encode())
+        body = protocol.Control(rollout=rollout, action=protocol.ControlAction(action),
+                                user=user)
+        ctx.bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL, protocol.seal(
+            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout,
+            ttl=CONTROL_TTL))
 
     def current_user() -> str:
         # Login arrives with the front-end issue; until then the web acts as "web".
@@ -363,7 +445,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
 
     @app.get("/api/projects")
     def api_projects() -> Any:
-        return jsonify([{"name": p.name, "git": p.git, "tags": tags(p.name)}
+        return jsonify([{"name": p.name, "git": redact.url(p.git), "tags": tags(p.name)}
                         for p in ctx.config.projects.values()])
 
     @app.get("/api/rollouts")
@@ -381,7 +463,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
     @app.post("/api/rollouts")
     def api_start() -> Any:
         check_csrf()
-        data = request.get_json(force=True)
+        data = json_body()
         if not isinstance(data, dict):
             return jsonify({"error": "the body must be a JSON object"}), 400
         try:
@@ -395,7 +477,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         """Pause, resume, promote or abort: ``{"action": ...}`` -> 202
         ``{"sent": action}``; 400 unknown action, 404 unknown rollout, 409 final."""
         check_csrf()
-        data = request.get_json(force=True, silent=True)
+        data = json_body(silent=True)
         action = data.get("action") if isinstance(data, dict) else None
         refused = control_refusal(rollout, action)
         if refused:

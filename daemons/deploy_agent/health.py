@@ -20,12 +20,14 @@ from pathlib import Path
 from deploybus.config import HealthConfig, OutputConfig
 from deploybus.daemons.deploy_agent.scripts import OnStart, Progress, RunAs, run_script
 from deploybus.errors import DeployError
+from deploybus.gitutil import redact_text
 
 STEP = "health"
 
 
 def _probe_url(url: str, timeout: float) -> str:
-    """One HTTP attempt; returns a description, raises DeployError if unhealthy."""
+    """One HTTP attempt; returns a description, raises DeployError if unhealthy.
+    Both name the URL with any credentials in it redacted."""
     # Imported here: urllib and http.client cost an idle agent 2 MB.
     import http.client
     import urllib.error
@@ -39,13 +41,13 @@ def _probe_url(url: str, timeout: float) -> str:
             status = resp.status
             resp.read(65536)
     except urllib.error.HTTPError as exc:
-        raise DeployError(f"GET {url} answered {exc.code} {exc.reason}") from None
+        raise DeployError(redact_text(f"GET {url} answered {exc.code} {exc.reason}")) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DeployError(f"GET {url} failed: {reason}") from None
+        raise DeployError(redact_text(f"GET {url} failed: {reason}")) from None
     if not 200 <= status < 300:
-        raise DeployError(f"GET {url} answered {status}")
-    return f"GET {url} answered {status}"
+        raise DeployError(redact_text(f"GET {url} answered {status}"))
+    return redact_text(f"GET {url} answered {status}")
 
 
 def check(hc: HealthConfig, *, cwd: Path, env: dict[str, str], progress: Progress,

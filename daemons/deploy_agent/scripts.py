@@ -293,7 +293,7 @@ def run_script(step: str, script: str, *, cwd: Path, env: dict[str, str], timeou
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 **(runas.popen_kwargs() if runas else {}))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the environment or cwd
         raise DeployError(f"{what} could not start: {exc}") from None
     assert proc.stdout is not None
     if on_start is not None:

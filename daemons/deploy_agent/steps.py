@@ -2,7 +2,7 @@
 
 A deploy, under the project's lock::
 
-    fetch        resolve the ref in the local mirror (fetch it if missing)
+    fetch        find the request's commit in the local mirror (fetch if missing)
     pre          pre script, cwd = the project directory
     checkout     git archive of the commit into releases/<id>.partial
     shared       shared/ entries linked into it; then renamed to releases/<id>
@@ -15,8 +15,16 @@ A deploy, under the project's lock::
 Anything failing before the switch leaves ``current`` where it was and
 marks the new release failed. A failing post-switch script switches back to
 the previous release (running the post-switch script once more, for it),
-so a deploy either fully happens or not at all. A rollback is the switch and
+so a deploy either fully happens or not at all. That holds for any
+exception, not only a failing step: a bug, a full disk, a value a script's
+environment cannot hold; it ends the run as a failed result (``agent error:
+...``) with ``current`` back where it was. A rollback is the switch and
 post-switch steps alone, towards an earlier release.
+
+The request names the commit the rollout resolved (the orchestrator, with
+:func:`deploybus.gitutil.resolve_remote`) and signed: that commit is
+deployed, and the ref is never looked up in the mirror, where git's loose
+rules could find something else under its name.
 
 Before each step the agent's journal is told where the run is (and which
 process group a script runs in; a step that starts a process at once is
@@ -42,10 +50,12 @@ from typing import Any
 from deploybus import gitutil
 from deploybus.config import ProjectConfig
 from deploybus.daemons.deploy_agent import health, scripts
+from deploybus.daemons.deploy_agent.journal import check_entry
 from deploybus.daemons.deploy_agent.scripts import Progress, RunAs
-from deploybus.errors import DeployError, RefError
-from deploybus.layout import Layout
-from deploybus.refs import NAME_RE
+from deploybus.errors import DeployBusError, DeployError, RefError
+from deploybus.gitutil import redact_text
+from deploybus.layout import Layout, check_release
+from deploybus.refs import check_commit, check_ref, check_user, short_ref_name
 
 #: Steps of a deploy, in order.
 STEPS = ("fetch", "pre", "checkout", "shared", "post", "health", "switch", "post_switch",
@@ -60,14 +70,25 @@ _PASSED_ON = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 @dataclass
 class Request:
+    """One request, as the agent accepted it (and journaled it)."""
+
     rollout: str
     project: str
     environment: str
+    #: Deploy: the full refname the rollout resolved (``refs/tags/v1.0``), or
+    #: with no ``commit``, a ref to look up in the mirror (older senders).
     ref: str
     user: str
     action: str = "deploy"
     #: Rollback: the release to go to (None: the newest earlier good one).
     release: str | None = None
+    #: Deploy: the full commit id ``ref`` resolved to, as signed; deployed
+    #: exactly. None only from senders that predate it: ``ref`` is then
+    #: resolved in the mirror as before.
+    commit: str | None = None
+    #: The ref as the person typed it (``v1.0``), for ``DEPLOYBUS_REF`` and
+    #: the release record; None: ``ref`` without ``refs/tags/`` or ``refs/heads/``.
+    ref_name: str | None = None
 
 
 class Tracker:
@@ -87,6 +108,17 @@ class Tracker:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _reason(exc: BaseException) -> str:
+    """The failure reason for ``exc``, credentials in URLs redacted. A failed
+    step says what failed; anything else is a bug or the host's trouble and
+    says so (``agent error: ValueError: ...``)."""
+    if isinstance(exc, DeployBusError | OSError):
+        text = str(exc)
+    else:
+        text = f"agent error: {type(exc).__name__}: {exc}"
+    return redact_text(text)
 
 
 def _stamp(layout: Layout) -> str:
@@ -175,9 +207,70 @@ class _Run:
             try:
                 self.script("post_switch", self.layout.releases / previous, env,
                             what="post_switch script (after switching back)")
-            except DeployError as exc:
-                note += f"; {exc}"
+            except Exception as exc:  # current is back already; say what else happened
+                note += f"; {_reason(exc)}"
         return note
+
+    def undo(self, release: str, previous: str | None, reason: str) -> str:
+        """After a deploy of ``release`` failed (``reason``), whatever the
+        cause: ``current`` back on ``previous``, the partial checkout gone,
+        the release marked failed. Returns what to add to the reason; never
+        raises, so the caller always gets to report the failure."""
+        note = ""
+        try:
+            note = self.switch_back(release, previous)
+        except Exception as exc:
+            note = f"; could not switch back: {_reason(exc)}"
+        try:
+            self.layout.set_state(release, "failed", reason=reason + note)
+        except Exception as exc:
+            note += f"; could not mark {release} failed: {_reason(exc)}"
+        shutil.rmtree(self.layout.releases / f"{release}.partial", ignore_errors=True)
+        return note
+
+    def find_commit(self, mirror: Path, commit: str) -> str:
+        """``commit`` in the project's mirror, fetched if it is not there yet.
+
+        Only the commit id is looked up (and must be a commit, not a tag
+        object); the ref's name in the mirror plays no part. A fetch that
+        fails but still brought the commit (another ref was refused) is
+        reported and the deploy goes on."""
+        assert self.pc is not None
+        self.progress("fetch", f"looking for {commit[:12]} ({self.req.ref}) in the local "
+                               f"mirror", None)
+        if gitutil.has_commit(mirror, commit):
+            return commit
+        self.progress("fetch", f"{commit[:12]} not in local mirror; fetching "
+                               f"{redact_text(self.pc.git)}", None)
+        failure: DeployError | None = None
+        try:
+            gitutil.update_mirror(self.state_dir, self.req.project, self.pc.git)
+        except DeployError as exc:
+            failure = exc
+        if not gitutil.has_commit(mirror, commit):
+            if failure is not None:
+                raise DeployError(f"commit {commit} ({self.req.ref}) is not in the local "
+                                  f"mirror and fetching failed: {failure}")
+            raise DeployError(redact_text(
+                f"commit {commit} ({self.req.ref}) is not in {self.pc.git}, even after "
+                f"fetching (deleted, or pushed elsewhere?)"))
+        if failure is not None:
+            self.progress("fetch", f"fetched {commit[:12]}, though git reported: {failure}",
+                          None)
+        return commit
+
+    def resolve_in_mirror(self, mirror: Path) -> str:
+        """The commit ``ref`` names in the mirror, fetched if missing: for
+        requests without a commit (senders that predate it)."""
+        assert self.pc is not None
+        self.progress("fetch", f"resolving {self.req.ref}", None)
+        try:
+            return gitutil.resolve(mirror, self.req.ref)
+        except RefError:
+            self.progress("fetch", f"{self.req.ref} not in local mirror; fetching "
+                                   f"{redact_text(self.pc.git)}", None)
+            gitutil.update_mirror(self.state_dir, self.req.project, self.pc.git)
+            return gitutil.resolve(mirror, self.req.ref)
 
 
 @contextmanager
@@ -204,22 +297,28 @@ def _opened(run: _Run, action: str,
 
 def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host: str,
            progress: Progress, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Run the deploy; return the result body (status succeeded or failed)."""
+    """Run the deploy; return the result body (status succeeded or failed).
+
+    Whatever happens, it returns with ``current`` on a release that passed
+    every step: the new one, or the one it was on before (an exception that
+    is not an ``Exception``, such as KeyboardInterrupt, is raised again after
+    ``current`` was put back)."""
     run = _Run(req, pc, root=root, state_dir=state_dir, host=host, progress=progress,
                tracker=tracker)
     layout = run.layout
     with _opened(run, "deploy", "fetch") as (result, previous):
         release: str | None = None
         try:
+            check_user(req.user)
+            check_ref(req.ref)
+            ref_name = check_ref(req.ref_name) if req.ref_name is not None \
+                else short_ref_name(req.ref)
             run.runas = scripts.run_as(pc.user, pc.group)
-            progress("fetch", f"resolving {req.ref}", None)
             mirror = gitutil.mirror_path(state_dir, req.project)
-            try:
-                commit = gitutil.resolve(mirror, req.ref)
-            except RefError:
-                progress("fetch", f"{req.ref} not in local mirror; fetching {pc.git}", None)
-                gitutil.update_mirror(state_dir, req.project, pc.git)
-                commit = gitutil.resolve(mirror, req.ref)
+            if req.commit is not None:
+                commit = run.find_commit(mirror, check_commit(req.commit))
+            else:
+                commit = run.resolve_in_mirror(mirror)
             result["commit"] = commit
             release = f"{_stamp(layout)}-{commit[:8]}-{req.rollout[:8]}"
             release_dir = layout.releases / release
@@ -227,9 +326,10 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             # pre step's record, or the checkout's when there is no pre script.
             run.tracker.step("pre" if "pre" in pc.scripts else "checkout", release=release)
             layout.write_info(release, {
-                "commit": commit, "ref": req.ref, "rollout": req.rollout, "user": req.user,
-                "environment": req.environment, "state": "pending", "created": _now()})
-            env = run.env(release=release, commit=commit, ref=req.ref,
+                "commit": commit, "ref": ref_name, "rollout": req.rollout, "user": req.user,
+                "environment": req.environment, "state": "pending", "created": _now()}
+                | ({"refname": req.ref} if req.commit is not None else {}))
+            env = run.env(release=release, commit=commit, ref=ref_name,
                           previous_release=previous, action="deploy")
             if "pre" in pc.scripts:
                 run.script("pre", layout.dir, env)
@@ -271,25 +371,22 @@ def deploy(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, host
             # recovery goes by this state and ``current``.
             layout.set_state(release, "ok", switched=_now())
             result.update(status="succeeded", release=release)
-        except (DeployError, RefError, OSError) as exc:
-            reason = str(exc)
+        except BaseException as exc:  # any failure: current back where it was
+            reason = _reason(exc)
             if release is not None:
-                try:
-                    reason += run.switch_back(release, previous)
-                except OSError as exc2:
-                    reason += f"; could not switch back: {exc2}"
-                layout.set_state(release, "failed", reason=reason)
-                shutil.rmtree(layout.releases / f"{release}.partial", ignore_errors=True)
-            result.update(reason=reason, release=release)
+                reason += run.undo(release, previous, reason)
+            result.update(status="failed", reason=reason, release=release)
             progress("failed", reason, None)
+            if not isinstance(exc, Exception):
+                raise
         if result["status"] == "succeeded":
-            run.tracker.step("cleanup", lazy=True)  # the release's "ok" already tells
             try:
+                run.tracker.step("cleanup", lazy=True)  # the release's "ok" already tells
                 # The release this deploy replaced stays too: the orchestrator
                 # may ask to roll back to it by name.
                 removed = layout.cleanup(pc.keep, protect=[previous] if previous else [])
-            except OSError as exc:  # the deploy itself is done; say so, do not fail it
-                progress("cleanup", f"cleanup failed: {exc}", None)
+            except Exception as exc:  # the deploy itself is done; say so, do not fail it
+                progress("cleanup", f"cleanup failed: {_reason(exc)}", None)
             else:
                 if removed:
                     progress("cleanup", f"removed {len(removed)} old release(s)", None)
@@ -306,6 +403,7 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
     with _opened(run, "rollback", "switch") as (result, current):
         target: str | None = None
         try:
+            check_user(req.user)
             run.runas = scripts.run_as(pc.user, pc.group)
             if current is None:
                 raise DeployError("nothing is deployed here to roll back from")
@@ -314,7 +412,7 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
                 if target is None:
                     raise DeployError(f"no good release older than {current} to roll back to")
             else:
-                target = req.release
+                target = check_release(req.release)
                 if target not in layout.complete_releases():
                     raise DeployError(f"release {target} does not exist here")
                 if layout.info(target).get("state") == "failed":
@@ -337,15 +435,17 @@ def rollback(req: Request, pc: ProjectConfig, *, root: Path, state_dir: Path, ho
                 layout.set_state(target, info.get("state") or "ok", rolled_back_to=_now())
             run.tracker.step("cleanup")
             result["status"] = "succeeded"
-        except (DeployError, RefError, OSError) as exc:
-            reason = str(exc)
+        except BaseException as exc:  # any failure: current back where it was
+            reason = _reason(exc)
             if target is not None and current is not None:
                 try:
                     reason += run.switch_back(target, current)
-                except OSError as exc2:
-                    reason += f"; could not switch back: {exc2}"
-            result["reason"] = reason
+                except Exception as exc2:
+                    reason += f"; could not switch back: {_reason(exc2)}"
+            result.update(status="failed", reason=reason)
             progress("failed", reason, None)
+            if not isinstance(exc, Exception):
+                raise
     return result
 
 
@@ -359,19 +459,31 @@ def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, stat
     temporary links removed; if ``current`` had already been switched, it is
     switched back unless the run had got past its post-switch script (then
     it was complete and is reported so); the new release is marked failed.
+
+    Every field is checked first, as a request's are
+    (:func:`.journal.check_entry`): an entry that fails is reported failed
+    ("journal entry unusable") and nothing is done for it, so a damaged or
+    planted entry never moves ``current``, kills a process or runs a script.
     """
-    req_d = entry.get("request") or {}
-    req = Request(rollout=str(entry.get("rollout")), project=str(req_d.get("project")),
-                  environment=str(req_d.get("environment")), ref=str(req_d.get("ref") or ""),
-                  user=str(req_d.get("user") or "unknown"),
-                  action=str(entry.get("action") or "deploy"), release=req_d.get("release"))
+    action = str(entry.get("action") or "deploy")
+    result: dict[str, Any] = {"status": "failed", "action": action[:32], "release": None,
+                              "previous_release": None, "recovered": True}
+    try:
+        check_entry(entry, steps=STEPS)
+    except RefError as exc:
+        result["reason"] = (f"interrupted: agent restarted; journal entry unusable "
+                            f"({exc}); nothing was changed")
+        progress("failed", result["reason"], None)
+        return result
+    req_d = entry["request"]
+    req = Request(rollout=entry["rollout"], project=req_d["project"],
+                  environment=req_d["environment"], ref=str(req_d.get("ref") or ""),
+                  user=req_d.get("user") or "unknown", action=action,
+                  release=req_d.get("release"), commit=req_d.get("commit"),
+                  ref_name=req_d.get("ref_name"))
     step = entry.get("step")
     release, previous = entry.get("release"), entry.get("previous_release")
-    result: dict[str, Any] = {"status": "failed", "action": req.action, "release": release,
-                              "previous_release": previous, "recovered": True}
-    if not NAME_RE.fullmatch(req.project) or (release and not NAME_RE.fullmatch(release)):
-        result["reason"] = "interrupted: agent restarted; journal entry unusable"
-        return result
+    result.update(release=release, previous_release=previous)
     if entry.get("state") != "running" or step is None:
         result["reason"] = "interrupted: agent restarted before the deploy started"
         progress("failed", result["reason"], None)
@@ -409,10 +521,13 @@ def recover(entry: dict[str, Any], pc: ProjectConfig | None, *, root: Path, stat
         if release is not None:
             try:
                 reason += run.switch_back(release, previous)
-            except OSError as exc:
-                reason += f"; could not switch back: {exc}"
+            except Exception as exc:
+                reason += f"; could not switch back: {_reason(exc)}"
             if req.action == "deploy" and (info or (layout.releases / release).exists()):
-                layout.set_state(release, "failed", reason=reason)
+                try:
+                    layout.set_state(release, "failed", reason=reason)
+                except Exception as exc:
+                    reason += f"; could not mark {release} failed: {_reason(exc)}"
     result["reason"] = reason
     progress("failed", reason, None)
     return result

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from deploybus import envelope, topics
+from deploybus import protocol, topics
 from deploybus.errors import DeployBusError
 from deploybus.refs import check_name
 
@@ -28,7 +28,8 @@ MARKER = "# installed by deploybus hook install"
 ZERO = "0" * 40
 
 
-def install(repo: Path, *, project: str, config: Path, force: bool = False) -> Path:
+def install(repo: Path, *, project: str, config: Path, force: bool = False,
+            key: Path | None = None) -> Path:
     """Write the post-receive hook into bare repository ``repo``."""
     check_name(project, "project")
     if not (repo / "HEAD").exists() or not (repo / "objects").is_dir():
@@ -39,7 +40,8 @@ def install(repo: Path, *, project: str, config: Path, force: bool = False) -> P
                              "use --force to replace it")
     hook.parent.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "deploybus.cli", "--config", str(config.resolve()),
-           "notify", "push", "--project", project]
+           "notify", "push", "--project", project,
+           *(["--key", str(key.resolve())] if key is not None else [])]
     hook.write_text(f"#!/bin/sh\n{MARKER}\n"
                     f"exec {' '.join(shlex.quote(c) for c in cmd)}\n")
     hook.chmod(hook.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -57,14 +59,13 @@ def pushes(lines: Iterable[str], *, project: str, pusher: str | None = None) -> 
             continue
         old, new, ref = parts
         out.append({"project": project, "ref": ref, "old": old, "new": new, "pusher": who,
-                    "deleted": new == ZERO})
+                    "created": old == ZERO, "deleted": new == ZERO})
     return out
 
 
-def publish_pushes(bus, bodies: list[dict], *, sender: str, signing_key=None) -> int:  # noqa: ANN001
+def publish_pushes(bus, bodies: list[dict], *, sender: str, signing_key) -> int:  # noqa: ANN001
+    """Publish each body as a ``git.push`` signed with the git server's key."""
     for body in bodies:
-        env = envelope.new("git.push", body, sender=sender, ttl=24 * 3600)
-        if signing_key is not None:
-            env = signing_key.sign(env)
-        bus.publish(topics.GIT_COMMITS, env.encode())
+        bus.publish(topics.GIT_COMMITS, protocol.seal(protocol.parse("git.push", body),
+                                                      key=signing_key, sender=sender))
     return len(bodies)

@@ -31,11 +31,24 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deploybus import topics
+from deploybus.daemons.orchestrator.mailbox import Key
 from deploybus.haproxy import HAProxy, HAProxyError
 from deploybus.liveness import HostLiveness, judge
+from deploybus.protocol import (
+    Action,
+    ControlAction,
+    DeployRequest,
+    Failure,
+    Result,
+    RolloutState,
+    RolloutStatus,
+    Status,
+    StepState,
+)
 from deploybus.states import FAILED_STEPS, SETTLED_STEPS, outcome
 from deploybus.strategy import Strategy
 
@@ -56,6 +69,35 @@ class Stopping(Exception):
     """The orchestrator is shutting down: leave the rollout for the next start."""
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a host's part in a rollout ended: its agent's result, or what the
+    orchestrator decided (no acknowledgement, no answer, stuck, offline,
+    not drained)."""
+
+    state: StepState
+    failure: Failure | None = None
+    reason: str | None = None
+    release: str | None = None
+    commit: str | None = None
+    previous_release: str | None = None
+
+    @classmethod
+    def of(cls, result: Result) -> Outcome:
+        state = {Status.SUCCEEDED: StepState.SUCCEEDED, Status.FAILED: StepState.FAILED,
+                 Status.REFUSED: StepState.REFUSED}[result.status]
+        failure = result.failure or (Failure.REFUSED if result.status is Status.REFUSED
+                                     else None if state is StepState.SUCCEEDED
+                                     else Failure.AGENT_ERROR)
+        return cls(state, failure, result.reason, result.release, result.commit,
+                   result.previous_release)
+
+    @classmethod
+    def failed(cls, failure: Failure, reason: str) -> Outcome:
+        state = StepState.OFFLINE if failure is Failure.OFFLINE else StepState.FAILED
+        return cls(state, failure, reason)
+
+
 class RolloutRun:
     """See the module docstring."""
 
@@ -63,24 +105,27 @@ class RolloutRun:
                  request_timeout: float, haproxy: HAProxy | None = None, *,
                  ack_timeout: float = 30.0) -> None:
         self.orch, self.store, self.cond = orch, orch.store, orch.cond
+        self.mailbox = orch.mailbox
+        self.links = orch.ctx.bus.links
         self._settled: set[str] = set()
-        self._excused = orch.ctx.bus.links.excused()
+        self._excused = self.links.excused()
         # host -> the bus's downtime when it was last asked; host -> times asked anew
         self._asked_at: dict[str, float] = {}
         self._reasked: dict[str, int] = {}
+        # host -> when its agent must have acknowledged (monotonic)
+        self._ack_by: dict[str, float] = {}
         self.id: str = record["id"]
         self.project: str = record["project"]
         self.environment: str = record["environment"]
         self.ref: str = record["ref"]
+        self.commit: str | None = record.get("commit")
         self.user: str = record["user"]
-        self.action: str = record.get("action") or "deploy"
+        self.action = Action(record.get("action") or "deploy")
         self.target_release: str | None = record.get("target_release")
         self.hosts: list[str] = [h["host"] for h in record["hosts"]]
         self.strategy = strategy
         self.request_timeout = request_timeout
         self.ack_timeout = ack_timeout
-        # host -> when its agent must have acknowledged (monotonic)
-        self._ack_by: dict[str, float] = {}
         self.haproxy = haproxy
         self.paused = record["state"] == "paused"
         self.abort_reason: str | None = None
@@ -90,21 +135,21 @@ class RolloutRun:
 
     # -- control (called from the orchestrator's handler thread) -----------------------
 
-    def control(self, action: str, actor: str) -> str:
+    def control(self, action: ControlAction, actor: str) -> str:
         """Apply ``action``; returns what it did, for whoever asked."""
         with self.cond:
-            if action == "pause":
+            if action is ControlAction.PAUSE:
                 done = "already paused" if self.paused else \
                     "pausing: hosts in flight finish, no more start"
                 self.paused = True
-            elif action == "resume":
+            elif action is ControlAction.RESUME:
                 done = "resumed" if self.paused else "it was not paused; nothing to resume"
                 self.paused = False
-            elif action == "promote":
+            elif action is ControlAction.PROMOTE:
                 done = "promoted: the batches after the canary go on" if not self.promoted \
                     else "already promoted"
                 self.promoted, self.paused = True, False
-            else:  # abort
+            else:
                 done = "aborting: hosts in flight finish, the rest are skipped"
                 self.abort_reason = f"aborted by {actor}"
             self.cond.notify_all()
@@ -118,6 +163,9 @@ class RolloutRun:
             self.cond.wait_for(lambda: self.orch.stopping.is_set() or predicate(), timeout)
         if self.orch.stopping.is_set():
             raise Stopping
+
+    def _status(self, state: RolloutState, reason: str | None = None, **extra: Any) -> None:
+        self.orch.status(self.id, state, reason, **extra)
 
     def _offline(self, host: str) -> str | None:
         """Why ``host`` cannot deploy now (its agent's heartbeats stopped, or
@@ -140,9 +188,8 @@ class RolloutRun:
         # broker outage (or our own start) give the host `limit` seconds of
         # connected time to be heard before calling it offline, counted from
         # when its link is surely back too.
-        links = self.orch.ctx.bus.links
-        while links.heard_for() < limit:
-            self._wait(lambda: False, min(0.5, max(0.05, limit - links.heard_for())))
+        while self.links.heard_for() < limit:
+            self._wait(lambda: False, min(0.5, max(0.05, limit - self.links.heard_for())))
             live = blocked()
             if live is None:
                 return None  # heard again: no need to wait out the rest
@@ -152,11 +199,11 @@ class RolloutRun:
         """Seconds since the last call in which no answer could arrive (the
         bus was down, or the hosts were still coming back after it: see
         LinkClock.excused): deadlines move back by as much."""
-        excused = self.orch.ctx.bus.links.excused()
+        excused = self.links.excused()
         lag, self._excused = excused - self._excused, excused
         return lag
 
-    def _credit_outage(self, deadlines: dict[str, float], rollout: str) -> None:
+    def _credit_outage(self, deadlines: dict[str, float], *, undo: bool = False) -> None:
         """Move ``deadlines`` (and the hosts' stuck clocks) back by :meth:`_outage_lag`."""
         lag = self._outage_lag()
         if lag > 0:
@@ -164,34 +211,31 @@ class RolloutRun:
                 deadlines[host] += lag
                 if host in self._ack_by:
                     self._ack_by[host] += lag
-            self.orch.postpone(rollout, deadlines, lag)
+            self.mailbox.postpone([Key(self.id, h, undo) for h in deadlines], lag)
 
-    def _request(self, host: str, *, rollout: str, action: str, release: str | None,
-                 ttl: float) -> None:
-        self._request_many([host], rollout=rollout, action=action, release=release, ttl=ttl)
+    def _key(self, host: str, undo: bool = False) -> Key:
+        return Key(self.id, host, undo)
 
-    def _request_many(self, hosts: list[str], *, rollout: str, action: str,
-                      release: str | None, ttl: float) -> None:
+    def _request_many(self, hosts: list[str], *, action: Action, release: str | None,
+                      ttl: float, undo: bool = False) -> None:
         """Ask ``hosts`` at once: one batch on the bus."""
-        messages = []
+        requests = []
         for host in hosts:
-            body: dict[str, Any] = {"rollout": rollout, "project": self.project,
-                                    "environment": self.environment, "ref": self.ref,
-                                    "host": host, "user": self.user, "action": action,
-                                    "position": self.hosts.index(host)}
-            if release:
-                body["release"] = release
-            self.orch.expect(rollout, host)
-            messages.append((topics.requests_for(host), "deploy.request", body, rollout, ttl))
+            requests.append(DeployRequest(
+                rollout=self.id, project=self.project, environment=self.environment,
+                host=host, user=self.user, action=action,
+                ref=self.ref if action is Action.DEPLOY else None,
+                commit=self.commit if action is Action.DEPLOY else None,
+                release=release, undo=undo, position=self.hosts.index(host)))
+            self.mailbox.expect(self._key(host, undo))
 
         def record(ids: list[str]) -> None:
-            # Before the requests go out: from then on only a refusal of these
-            # ids is an answer (a twin of an earlier one's may still come).
+            # Before the requests go out: from then on these ids are answered.
             for host, request_id in zip(hosts, ids, strict=True):
-                self.orch.sent(rollout, host, request_id)
+                self.mailbox.sent(self._key(host, undo), request_id)
 
-        self.orch.send_many(messages, before=record)
-        down = self.orch.ctx.bus.links.downtime()
+        self.orch.send_requests(requests, ttl=ttl, before=record)
+        down = self.links.downtime()
         ack_by = time.monotonic() + self.ack_timeout + ACK_GRACE
         for host in hosts:
             self._asked_at[host] = down
@@ -209,7 +253,7 @@ class RolloutRun:
                 self.log.info("rollout left for the next start", error=str(exc))
                 return
             self.log.exception("rollout crashed")
-            self.orch.status(self.id, "failed", f"orchestrator error: {exc}")
+            self._status(RolloutState.FAILED, f"orchestrator error: {exc}")
             self.orch.finished(self)
         else:
             self.orch.finished(self)
@@ -221,8 +265,9 @@ class RolloutRun:
         # reading every step back from the store after each host.
         self._settled = {h for h, s in steps.items() if s["state"] in SETTLED_STEPS}
         phases = self.strategy.phases(self.hosts)
-        self.orch.status(self.id, "paused" if self.paused else "running", hosts=self.hosts,
-                         phases=phases, strategy=self.strategy.to_dict())
+        self._status(RolloutState.PAUSED if self.paused else RolloutState.RUNNING,
+                     hosts=self.hosts, phases=phases, strategy=self.strategy.to_dict(),
+                     ref=self.ref, commit=self.commit)
         for i, phase in enumerate(phases):
             todo = [h for h in phase if steps.get(h, {}).get("state") not in SETTLED_STEPS]
             failures += self._phase(i, todo, failures)
@@ -248,24 +293,24 @@ class RolloutRun:
         first = f"; {failed[0]}: {steps[failed[0]]['state']}: {steps[failed[0]]['message']}" \
             if failed else ""
         if self.abort_reason:
-            self.orch.status(self.id, "aborted", self.abort_reason,
-                             rolled_back=self._maybe_rollback(), **counts)
+            self._status(RolloutState.ABORTED, self.abort_reason,
+                         rolled_back=self._maybe_rollback() or None, **counts)
             return
         halted = failures > self.strategy.max_failures
-        state = outcome((s["state"] for s in steps.values()), halted=halted)
+        state = RolloutState(outcome((s["state"] for s in steps.values()), halted=halted))
         rolled: dict[str, str] = {}
         if halted:
             reason: str | None = (f"halted: {failures} host(s) failed (max_failures "
                                   f"{self.strategy.max_failures}): {', '.join(failed)}{first}")
             rolled = self._maybe_rollback()
-        elif state == "failed":
+        elif state is RolloutState.FAILED:
             reason = f"no host succeeded: {', '.join(failed) or 'none'} failed{first}"
-        elif state == "partial":
+        elif state is RolloutState.PARTIAL:
             reason = (f"{ok} of {len(steps)} hosts succeeded; {', '.join(failed)} failed "
                       f"(within max_failures {self.strategy.max_failures}){first}")
         else:
             reason = None
-        self.orch.status(self.id, state, reason, rolled_back=rolled, hosts=self.hosts, **counts)
+        self._status(state, reason, rolled_back=rolled or None, hosts=self.hosts, **counts)
 
     def _phase(self, index: int, todo: list[str], failures_before: int) -> int:
         """Run one phase; returns the number of hosts that failed in it."""
@@ -283,7 +328,7 @@ class RolloutRun:
                 offline = self._offline(host)
                 if offline:
                     failures += 1
-                    self._settle(host, {"status": "offline", "reason": offline}, index)
+                    self._settle(host, Outcome.failed(Failure.OFFLINE, offline), index)
                     halted = failures_before + failures > self.strategy.max_failures
                     continue
                 if self.haproxy is not None:
@@ -294,8 +339,8 @@ class RolloutRun:
                                            " out of rotation (maint)")
                     except HAProxyError as exc:
                         failures += 1
-                        self._settle(host, {"status": "failed",
-                                            "reason": f"could not drain: {exc}"}, index)
+                        self._settle(host, Outcome.failed(Failure.DRAIN,
+                                                          f"could not drain: {exc}"), index)
                         continue
                 starting.append(host)
             # Recorded before any is asked, in one transaction: after a restart a
@@ -305,61 +350,61 @@ class RolloutRun:
                                            if steps.get(h, {}).get("state") != "requested"],
                                  state="requested")
             if starting:
-                self._request_many(starting, rollout=self.id, action=self.action,
-                                   release=self.target_release, ttl=self.ack_timeout)
-            self._credit_outage(inflight, self.id)
+                self._request_many(starting, action=self.action, release=self.target_release,
+                                   ttl=self.ack_timeout)
+            self._credit_outage(inflight)
             for host in starting:
                 inflight[host] = time.monotonic() + self.request_timeout
             if not inflight:
                 if pending and self.paused and not halted:
-                    self.orch.status(self.id, "paused", "paused; resume or promote to go on")
+                    self._status(RolloutState.PAUSED, "paused; resume or promote to go on")
                     self._wait(lambda: not self.paused or self.abort_reason, None)
-                    self.orch.status(self.id, "running", None)
+                    self._status(RolloutState.RUNNING)
                     continue
                 break
-            self._wait(lambda: any(self.orch.has_result(self.id, h) for h in inflight),
+            self._wait(lambda: any(self.mailbox.has_result(self._key(h)) for h in inflight),
                        max(0.05, min(self._deadline(h, d) for h, d in inflight.items())
                            - time.monotonic()))
-            self._credit_outage(inflight, self.id)
+            self._credit_outage(inflight)
             now = time.monotonic()
             for host in list(inflight):
-                result = self.orch.take_result(self.id, host)
+                result = self.mailbox.take(self._key(host))
                 if result is not None and self._lapsed_in_outage(host, result):
                     self.store.add_log(self.id, host, "request",
-                                       f"asked again: {result.get('reason')} during a broker "
-                                       "outage")
-                    self._request_many([host], rollout=self.id, action=self.action,
+                                       f"asked again: {result.reason} during a broker outage")
+                    self._request_many([host], action=self.action,
                                        release=self.target_release, ttl=self.ack_timeout)
                     inflight[host] = time.monotonic() + self.request_timeout
                     continue
-                if result is None:
-                    if not self.orch.acked(self.id, host) and self._ack_by.get(host, now) <= now:
-                        result = {"status": "failed", "reason":
-                                  f"agent not answering: no acknowledgement from {host} within "
-                                  f"{self.ack_timeout:.0f}s (the request expires unread)"}
-                    elif inflight[host] <= now:
-                        result = {"status": "failed", "reason":
-                                  f"no answer from {host} within {self.request_timeout:.0f}s"}
-                    elif self._deadline(host, inflight[host]) <= now:
-                        result = {"status": "failed", "reason":
-                                  f"stuck: no progress from {host} for "
-                                  f"{self.strategy.stuck:.0f}s"}
-                    else:
-                        continue
+                if result is not None:
+                    settled = Outcome.of(result)
+                elif not self.mailbox.acked(self._key(host)) \
+                        and self._ack_by.get(host, now) <= now:
+                    settled = Outcome.failed(Failure.NOT_ANSWERING, (
+                        f"agent not answering: no acknowledgement from {host} within "
+                        f"{self.ack_timeout:.0f}s (the request expires unread)"))
+                elif inflight[host] <= now:
+                    settled = Outcome.failed(Failure.NO_ANSWER, f"no answer from {host} within "
+                                                                f"{self.request_timeout:.0f}s")
+                elif self._deadline(host, inflight[host]) <= now:
+                    settled = Outcome.failed(Failure.STUCK, f"stuck: no progress from {host} "
+                                                            f"for {self.strategy.stuck:.0f}s")
+                else:
+                    continue
                 del inflight[host]
-                if result.get("status") != "succeeded":
+                if settled.state is not StepState.SUCCEEDED:
                     failures += 1
-                self._settle(host, result, index)
+                self._settle(host, settled, index)
         return failures
 
-    def _lapsed_in_outage(self, host: str, result: dict[str, Any]) -> bool:
+    def _lapsed_in_outage(self, host: str, result: Result) -> bool:
         """The host refused its request only because it arrived after its expiry,
         and the bus was down meanwhile: the wait was the outage's, not the
         host's, so it is asked anew (a refused request was never applied). At
         most MAX_REASK times per host."""
-        if result.get("status") != "refused" or not result.get("lapsed"):
+        if result.status is not Status.REFUSED or not result.lapsed:
             return False
-        if self.orch.ctx.bus.links.downtime() <= self._asked_at.get(host, float("inf")):
+        if self.links.downtime() <= self._asked_at.get(host, float("inf")):
             return False
         if self._reasked.get(host, 0) >= MAX_REASK:
             return False
@@ -367,17 +412,14 @@ class RolloutRun:
         return True
 
     def _deadline(self, host: str, request_deadline: float) -> float:
-        last = self.orch.last_progress(self.id, host)
-        deadline = min(request_deadline, last + self.strategy.stuck)
-        if not self.orch.acked(self.id, host) and host in self._ack_by:
+        key = self._key(host)
+        deadline = min(request_deadline, self.mailbox.last_progress(key) + self.strategy.stuck)
+        if not self.mailbox.acked(key) and host in self._ack_by:
             deadline = min(deadline, self._ack_by[host])
         return deadline
 
-    def _settle(self, host: str, result: dict[str, Any], phase: int) -> None:
-        state = str(result.get("status"))
-        if self.haproxy is not None and state in ("succeeded", "failed", "refused") \
-                and "no answer" not in str(result.get("reason")) \
-                and not str(result.get("reason", "")).startswith(("stuck", "could not drain")):
+    def _settle(self, host: str, settled: Outcome, phase: int) -> None:
+        if self.haproxy is not None and (settled.failure is None or settled.failure.answered):
             # The host answered, so `current` is a complete release that passed its
             # health check (or the old one, untouched): it may take traffic again.
             try:
@@ -385,64 +427,70 @@ class RolloutRun:
                 self.store.add_log(self.id, host, "drain", "back in rotation (ready)")
             except HAProxyError as exc:
                 self.store.add_log(self.id, host, "drain", f"could not set ready: {exc}")
-        self.store.set_step(self.id, host, state=state, release=result.get("release"),
-                            commit=result.get("commit"),
-                            previous_release=result.get("previous_release"),
-                            message=result.get("reason"))
+        self.store.set_step(self.id, host, state=settled.state, release=settled.release,
+                            commit=settled.commit, previous_release=settled.previous_release,
+                            message=settled.reason)
         self._settled.add(host)
-        self.orch.send(topics.STATUS, "deploy.rollout.status",
-                       {"rollout": self.id, "state": "running", "host": host,
-                        "host_state": state, "reason": result.get("reason"),
-                        "release": result.get("release"), "phase": phase,
-                        "done": len(self._settled), "total": len(self.hosts)},
-                       correlation=self.id)
+        self.orch.send(topics.STATUS, RolloutStatus(
+            rollout=self.id, state=RolloutState.RUNNING, host=host, host_state=settled.state,
+            failure=settled.failure, reason=settled.reason, release=settled.release,
+            phase=phase, done=len(self._settled), total=len(self.hosts)), correlation=self.id)
 
     def _between(self, index: int) -> None:
         """After phase ``index``: the pause of the strategy, or wait for promote."""
         if self.strategy.pause == "promote" and index == 0 and self.strategy.canary:
             if not self.promoted:
                 self.paused = True
-                self.orch.status(self.id, "paused",
-                                 "canary done; promote to continue, abort to stop")
+                self._status(RolloutState.PAUSED,
+                             "canary done; promote to continue, abort to stop")
                 self._wait(lambda: self.promoted or not self.paused or self.abort_reason, None)
-                self.orch.status(self.id, "running", None)
+                self._status(RolloutState.RUNNING)
         elif isinstance(self.strategy.pause, int | float) and self.strategy.pause > 0:
             deadline = time.monotonic() + float(self.strategy.pause)
             self._wait(lambda: self.abort_reason is not None or time.monotonic() >= deadline,
                        float(self.strategy.pause))
         if self.paused:
-            self.orch.status(self.id, "paused", "paused; resume to go on")
+            self._status(RolloutState.PAUSED, "paused; resume to go on")
             self._wait(lambda: not self.paused or self.abort_reason, None)
-            self.orch.status(self.id, "running", None)
+            self._status(RolloutState.RUNNING)
+
+    def _rollback_target(self, host: str, step: dict[str, Any]) -> str | None:
+        """The release ``host`` had before this rollout: from the orchestrator's
+        own records (the last release an earlier rollout of this project left
+        there), else what the host itself said in its signed result."""
+        return self.store.last_release(self.project, host, before=self.id) \
+            or step.get("previous_release")
 
     def _maybe_rollback(self) -> dict[str, str]:
         """Switch hosts this rollout moved back to where they were, if asked to."""
-        if not self.strategy.auto_rollback or self.action != "deploy":
+        if not self.strategy.auto_rollback or self.action is not Action.DEPLOY:
             return {}
         outcome: dict[str, str] = {}
-        rb = f"{self.id}.rb"
         targets = {h: s for h, s in self.store.steps(self.id).items()
                    if s["state"] == "succeeded" and not s.get("rolled_back")}
+        asked = []
         for host, st in targets.items():
-            if not st.get("previous_release"):
+            target = self._rollback_target(host, st)
+            if not target:
                 outcome[host] = "nothing to roll back to (first deploy)"
                 self.store.set_step(self.id, host, rolled_back="none")
                 continue
-            self._request(host, rollout=rb, action="rollback",
-                          release=st["previous_release"], ttl=ROLLBACK_TIMEOUT)
+            self._request_many([host], action=Action.ROLLBACK, release=target,
+                               ttl=ROLLBACK_TIMEOUT, undo=True)
+            asked.append(host)
         self._outage_lag()  # what was down before the requests went out does not count
         deadline = time.monotonic() + ROLLBACK_TIMEOUT
-        waiting = [h for h in targets if h not in outcome]
+        waiting = list(asked)
         while waiting and time.monotonic() < deadline:
-            self._wait(lambda: any(self.orch.has_result(rb, h) for h in waiting),
-                       deadline - time.monotonic())
+            self._wait(lambda: any(self.mailbox.has_result(self._key(h, True))
+                                   for h in waiting), deadline - time.monotonic())
             deadline += self._outage_lag()
             for host in list(waiting):
-                res = self.orch.take_result(rb, host)
+                res = self.mailbox.take(self._key(host, True))
                 if res is not None:
                     waiting.remove(host)
-                    ok = res.get("status") == "succeeded"
-                    outcome[host] = "rolled back" if ok else f"rollback failed: {res.get('reason')}"
+                    ok = res.status is Status.SUCCEEDED
+                    outcome[host] = "rolled back" if ok else f"rollback failed: {res.reason}"
                     self.store.set_step(self.id, host, rolled_back="ok" if ok else "failed")
         for host in waiting:
             outcome[host] = "rollback: no answer"

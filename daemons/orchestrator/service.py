@@ -1,57 +1,60 @@
 """The orchestrator service.
 
-It takes signed ``deploy.rollout`` messages and checks them: signature and
-signer policy, project, environment, hosts, strategy, the environment's
-deploy windows (an override needs a reason and is audited) and the lock (one
-rollout per project and environment; a refusal names the holder). An
-accepted rollout is recorded in the store and run by a
-:class:`~deploybus.daemons.orchestrator.rollout.RolloutRun` in a thread of
-its own. Signed ``deploy.control`` messages pause, resume, promote or abort
-it. Agents' progress and results arrive on ``deploy.events``; presence on
-``presence``. On start it resumes every rollout the store says is not
-finished.
+It takes ``deploy.rollout`` messages signed by a person, web or CI key and
+checks them: the signer's policy, project, environment, hosts, strategy,
+the environment's deploy windows (an override needs a reason and is
+audited) and the lock (one rollout per project and environment; a refusal
+names the holder). A deploy's ref is resolved once, on the project's git
+server, to a full commit id (a tag or a branch, never both); the requests
+carry and sign that commit. An accepted rollout is recorded in the store and
+run by a :class:`~deploybus.daemons.orchestrator.rollout.RolloutRun` in a
+thread of its own. Signed ``deploy.control`` messages pause, resume, promote
+or abort it, and are answered. Agents' progress and results arrive on
+``deploy.events``, each signed by the key of the host it names and counted
+only if it answers a request this orchestrator sent (:mod:`.mailbox`);
+presence on ``presence``, signed by its host. On start it resumes every
+rollout the store says is not finished.
 
-Because windows and locks are checked here, on the one path every rollout
-takes, no front end (CLI, API, web) can bypass them.
+Messages that are not signed by a trusted key of the right role never get
+here (the dispatcher dead-letters them), so nothing is stored or audited
+under a name a message chose. Because windows and locks are checked here,
+on the one path every rollout takes, no front end can bypass them.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-from deploybus import envelope, topics
+from deploybus import gitutil, protocol, topics
 from deploybus.bus import Delivery
 from deploybus.bus.base import Backoff
+from deploybus.daemons.orchestrator.mailbox import Key, Mailbox
 from deploybus.daemons.orchestrator.rollout import RolloutRun
-from deploybus.dispatch import Dispatcher
-from deploybus.envelope import Envelope
+from deploybus.dispatch import Dispatcher, Message
+from deploybus.envelope import now
 from deploybus.errors import BusError, DeployBusError
-from deploybus.refs import check_name, check_ref
+from deploybus.protocol import (
+    Action,
+    Control,
+    ControlAction,
+    DeployRequest,
+    Progress,
+    Result,
+    RolloutRequest,
+    RolloutState,
+    RolloutStatus,
+)
+from deploybus.refs import check_ref
 from deploybus.runner import STOP_GRACE, Context, Service
-from deploybus.store import FINAL_STATES, Store
+from deploybus.signing import Signer
+from deploybus.states import FINAL_STATES
+from deploybus.store import Store
 from deploybus.strategy import Strategy
-
-#: deploy.rollout.status and similar events expire after this many seconds.
-EVENT_TTL = 24 * 3600
 
 #: How long a rollout's lock lasts if the rollout never releases it.
 LOCK_TTL = 6 * 3600
-
-CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
-
-#: Daemons whose heartbeats count towards a host's liveness (deploybus.liveness).
-PRESENCE_DAEMONS = ("agent", "fetcher", "keepalive")
-
-
-def _log_text(entry: dict[str, Any]) -> str:
-    text = str(entry.get("message", ""))
-    lines = entry.get("lines")
-    if isinstance(lines, list) and lines:
-        text += "\n" + "\n".join(str(x) for x in lines)
-    return text
 
 
 class Orchestrator(Service):
@@ -62,20 +65,13 @@ class Orchestrator(Service):
     def __init__(self, ctx: Context, store: Store | None = None) -> None:
         super().__init__(ctx)
         self.store = store or Store(ctx.config.state_url)
-        self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats)
         self.verifier = ctx.config.verifier()
+        self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats,
+                                     verifier=self.verifier)
         self.cond = threading.Condition()
+        self.mailbox = Mailbox(self.cond)
         self.stopping = threading.Event()
         self.runs: dict[str, RolloutRun] = {}
-        # (rollout, host) -> result, for requests a run is waiting on
-        self._expected: set[tuple[str, str]] = set()
-        self._results: dict[tuple[str, str], dict[str, Any]] = {}
-        self._progress: dict[tuple[str, str], float] = {}
-        # (rollout, host) whose agent has said anything since it was last asked
-        self._acked: set[tuple[str, str]] = set()
-        # (rollout, host) -> id of the latest request sent: a refusal of an
-        # older one (a stale redelivery) answers nothing
-        self._sent: dict[tuple[str, str], str] = {}
 
     def start(self) -> None:
         if self.ctx.signing_key is None:
@@ -103,13 +99,13 @@ class Orchestrator(Service):
 
     # -- shared with the runs --------------------------------------------------------
 
-    def send(self, topic: str, type: str, body: dict[str, Any], *, correlation: str,
-             ttl: float = EVENT_TTL) -> None:
+    def send(self, topic: str, body: protocol.Body, *, correlation: str,
+             ttl: float | None = None) -> None:
         """Sign and publish; while the broker is away, keep trying (with capped
         backoff) for as long as the orchestrator runs: a rollout outlives a
         broker restart."""
-        env = envelope.new(type, body, sender=self.ctx.sender, correlation=correlation, ttl=ttl)
-        raw = self.ctx.signing_key.sign(env).encode()
+        raw = protocol.seal(body, key=self.ctx.signing_key, sender=self.ctx.sender,
+                            correlation=correlation, ttl=ttl)
         backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
         while True:
             try:
@@ -121,96 +117,54 @@ class Orchestrator(Service):
                 if not backoff.wait():
                     raise
 
-    def send_many(self, messages: list[tuple[str, str, dict[str, Any], str, float]], *,
-                  before: Callable[[list[str]], None] | None = None) -> list[str]:
-        """Sign and publish ``(topic, type, body, correlation, ttl)`` messages as
-        one batch (one broker round trip on AMQP); retried whole, like
-        :meth:`send`, while the broker is away. A message the broker had
-        already taken before a failure may go out twice: agents answer a
-        repeated request from their journal. Each try signs the messages
-        anew, so that their time to live starts when they go out: a request
-        kept through a long broker outage would otherwise arrive expired.
-        ``before`` is called with each try's ids before it goes out, so that
-        an answer that comes back at once finds them recorded.
-        Returns the ids of the messages that went out."""
+    def send_requests(self, requests: list[DeployRequest], *, ttl: float,
+                      before: Callable[[list[str]], None] | None = None) -> list[str]:
+        """Sign and publish deploy requests as one batch (one broker round trip
+        on AMQP); retried whole, like :meth:`send`, while the broker is away.
+        A request the broker had already taken before a failure may go out
+        twice: agents answer a repeated request from their journal. Each try
+        signs the requests anew, so that their time to live starts when they
+        go out: a request kept through a long broker outage would otherwise
+        arrive expired. ``before`` is called with each try's ids before it
+        goes out, so that an answer that comes back at once finds them
+        recorded. Returns the ids of the requests that went out."""
         backoff = Backoff(initial=0.5, cap=10.0, stop=self.stopping)
         while True:
-            envs = [envelope.new(type, body, sender=self.ctx.sender, correlation=correlation,
-                                 ttl=ttl) for _topic, type, body, correlation, ttl in messages]
-            raw = [(m[0], self.ctx.signing_key.sign(env).encode())
-                   for m, env in zip(messages, envs, strict=True)]
+            envs = [protocol.sign(r, key=self.ctx.signing_key, sender=self.ctx.sender,
+                                  correlation=r.rollout, ttl=ttl) for r in requests]
             if before is not None:
                 before([env.id for env in envs])
             try:
-                self.ctx.bus.publish_batch(raw)
+                self.ctx.bus.publish_batch([(topics.requests_for(r.host), env.encode())
+                                            for r, env in zip(requests, envs, strict=True)])
                 return [env.id for env in envs]
             except BusError as exc:
-                self.log.warning("batch publish failed; retrying", count=len(raw),
+                self.log.warning("batch publish failed; retrying", count=len(envs),
                                  error=str(exc), retry_in=round(backoff.delay, 1))
                 if not backoff.wait():
                     raise
 
-    def status(self, rollout: str, state: str, reason: str | None = None, **extra: Any) -> None:
+    def status(self, rollout: str, state: RolloutState, reason: str | None = None,
+               **extra: Any) -> None:
+        """Record a rollout's new state and tell whoever watches."""
         self.store.set_rollout(rollout, state=state, reason=reason)
-        self.send(topics.STATUS, "deploy.rollout.status",
-                  {"rollout": rollout, "state": state, "reason": reason, **extra},
-                  correlation=rollout)
-        self.log.info("rollout " + state, rollout=rollout, reason=reason)
-
-    def expect(self, rollout: str, host: str) -> None:
-        with self.cond:
-            self._expected.add((rollout, host))
-            self._acked.discard((rollout, host))
-            self._progress[(rollout, host)] = time.monotonic()
-
-    def acked(self, rollout: str, host: str) -> bool:
-        """The agent of ``host`` has said something of ``rollout`` (its
-        acknowledgement, progress or result) since it was last asked."""
-        return (rollout, host) in self._acked
-
-    def sent(self, rollout: str, host: str, request_id: str) -> None:
-        with self.cond:
-            self._sent[(rollout, host)] = request_id
-
-    def has_result(self, rollout: str, host: str) -> bool:
-        return (rollout, host) in self._results
-
-    def take_result(self, rollout: str, host: str) -> dict[str, Any] | None:
-        with self.cond:
-            result = self._results.pop((rollout, host), None)
-            if result is not None:
-                self._expected.discard((rollout, host))
-                self._progress.pop((rollout, host), None)
-            return result
-
-    def postpone(self, rollout: str, hosts: Iterable[str], by: float) -> None:
-        """Move the stuck clocks of ``hosts`` back by ``by`` seconds (an outage)."""
-        with self.cond:
-            for host in hosts:
-                key = (rollout, host)
-                if key in self._progress:
-                    self._progress[key] += by
-
-    def last_progress(self, rollout: str, host: str) -> float:
-        return self._progress.get((rollout, host), time.monotonic())
+        self.send(topics.STATUS, RolloutStatus(rollout=rollout, state=state, reason=reason,
+                                               **extra), correlation=rollout)
+        self.log.info(f"rollout {state}", rollout=rollout, reason=reason)
 
     def finished(self, run: RolloutRun) -> None:
         self.store.release_lock(run.project, run.environment, rollout_id=run.id)
         with self.cond:
             self.runs.pop(run.id, None)
-            for key in [k for k in self._expected if k[0] in (run.id, f"{run.id}.rb")]:
-                self._expected.discard(key)
-                self._progress.pop(key, None)
-            self._acked = {k for k in self._acked if k[0] not in (run.id, f"{run.id}.rb")}
-            for key in [k for k in self._sent if k[0] in (run.id, f"{run.id}.rb")]:
-                del self._sent[key]
+        self.mailbox.forget(run.id)
 
     # -- starting runs ---------------------------------------------------------------
 
     def _launch(self, record: dict[str, Any]) -> None:
         ec = self.ctx.config.environments.get(record["environment"])
         if ec is None or record["project"] not in self.ctx.config.projects:
-            self.status(record["id"], "failed", "project or environment no longer configured")
+            self.status(record["id"], RolloutState.FAILED,
+                        "project or environment no longer configured")
             self.store.release_lock(record["project"], record["environment"],
                                     rollout_id=record["id"])
             return
@@ -230,196 +184,196 @@ class Orchestrator(Service):
 
     # -- handlers --------------------------------------------------------------------
 
-    def refuse(self, rollout: str, body: dict[str, Any], user: str, reason: str,
-               signer: str | None = None) -> None:
+    @staticmethod
+    def requester(body: RolloutRequest | Control, signer: Signer) -> str:
+        """Who a rollout or control is recorded for: a person's own key
+        speaks for that person; the web and CI speak for the user they name."""
+        if signer.role is protocol.Role.PERSON or body.user == signer.name:
+            return signer.name
+        return f"{body.user} (via {signer.name})"[:128]
+
+    def refuse(self, body: RolloutRequest, user: str, reason: str, signer: Signer) -> None:
+        """A rollout from a trusted key that cannot run: recorded, audited
+        under the signer, answered."""
         self.ctx.stats.incr("refused")
-        self.log.warning("rollout refused", rollout=rollout, reason=reason)
-        project, environment = str(body.get("project"))[:64], str(body.get("environment"))[:64]
+        self.log.warning("rollout refused", rollout=body.rollout, reason=reason)
         created = self.store.create_rollout(
-            id=rollout, project=project, environment=environment,
-            ref=str(body.get("ref"))[:200], user=user, hosts=[], state="refused", reason=reason)
+            id=body.rollout, project=body.project, environment=body.environment,
+            ref=body.ref or f"rollback:{body.release or 'previous'}", user=user, hosts=[],
+            state="refused", reason=reason)
         if not created:
             return  # a redelivery of a rollout we already decided on
-        self.store.audit(actor=signer or user, action="refused", project=project,
-                         environment=environment, rollout_id=rollout, reason=reason, user=user)
-        self.send(topics.STATUS, "deploy.rollout.status",
-                  {"rollout": rollout, "state": "refused", "reason": reason},
-                  correlation=rollout)
+        self.store.audit(actor=signer.name, action="refused", project=body.project,
+                         environment=body.environment, rollout_id=body.rollout, reason=reason,
+                         user=user)
+        self.send(topics.STATUS, RolloutStatus(rollout=body.rollout, state=RolloutState.REFUSED,
+                                               reason=reason), correlation=body.rollout)
 
-    def on_rollout(self, env: Envelope, d: Delivery) -> None:
+    def on_rollout(self, msg: Message, _d: Delivery) -> None:
+        body = msg.body
+        assert isinstance(body, RolloutRequest)
+        user = self.requester(body, msg.signer)
         try:
-            self._on_rollout(env, d)
+            self._on_rollout(msg, body, user)
         except Exception as exc:
             # Whoever asked waits for a status: tell them, never leave them hanging.
-            rollout = str(env.body.get("rollout") or env.correlation or env.id)[:64]
-            self.log.exception("rollout handling failed", rollout=rollout)
+            self.log.exception("rollout handling failed", rollout=body.rollout)
             reason = f"orchestrator error: {type(exc).__name__}: {exc}"
-            record = self.store.rollout(rollout)
+            record = self.store.rollout(body.rollout)
             if record is None:
-                self.refuse(rollout, env.body, str(env.body.get("user") or env.sender)[:128],
-                            reason)
-            elif record["state"] not in FINAL_STATES and rollout not in self.runs:
-                self.status(rollout, "failed", reason)
+                self.refuse(body, user, reason, msg.signer)
+            elif record["state"] not in FINAL_STATES and body.rollout not in self.runs:
+                self.status(body.rollout, RolloutState.FAILED, reason)
                 self.store.release_lock(record["project"], record["environment"],
-                                        rollout_id=rollout)
+                                        rollout_id=body.rollout)
 
-    def _on_rollout(self, env: Envelope, _d: Delivery) -> None:
-        body = env.body
-        rollout = str(body.get("rollout") or env.correlation or env.id)[:64]
-        user = str(body.get("user") or env.sender)[:128]
-        signer = None
+    def _check(self, msg: Message, body: RolloutRequest) -> tuple[list[str], Strategy,
+                                                                  str | None, str, str | None]:
+        """Everything a rollout must pass before it is recorded; returns its
+        hosts, strategy, the window it overrides, its ref and its commit.
+        Raises DeployBusError with the reason to refuse it."""
+        self.verifier.admit(msg.env, msg.signer, project=body.project,
+                            environment=body.environment)
+        pc = self.ctx.config.projects.get(body.project)
+        if pc is None:
+            raise DeployBusError(f"unknown project {body.project!r}")
+        ec = self.ctx.config.environments.get(body.environment)
+        if ec is None:
+            raise DeployBusError(f"unknown environment {body.environment!r}")
+        if ec.projects is not None and body.project not in ec.projects:
+            raise DeployBusError(f"project {body.project!r} is not deployed to "
+                                 f"{body.environment!r}")
+        hosts = list(dict.fromkeys(body.hosts or ec.hosts))
+        unknown = [h for h in hosts if h not in ec.hosts]
+        if unknown:
+            raise DeployBusError(f"hosts not in {body.environment}: {', '.join(unknown)}")
+        overrides = protocol.to_dict(body.strategy) if body.strategy else None
+        strategy = Strategy.parse(ec.strategy, overrides)
+        strategy.phases(hosts)
+        outside = ec.windows.refusal(now()) if ec.windows else None
+        if outside and not (body.override and body.override.strip()):
+            raise DeployBusError(f"{body.environment} is closed for deploys: {outside}; "
+                                 "an override needs a reason")
+        if body.action is Action.ROLLBACK:
+            return hosts, strategy, outside, f"rollback:{body.release or 'previous'}", None
+        if body.ref is None:
+            raise DeployBusError("a deploy needs a ref")
+        refname, commit = gitutil.resolve_remote(pc.git, check_ref(body.ref))
+        return hosts, strategy, outside, refname, commit
+
+    def _on_rollout(self, msg: Message, body: RolloutRequest, user: str) -> None:
+        signer = msg.signer
         try:
-            rollout = check_name(rollout, "rollout id")
-            project = check_name(body.get("project"), "project")
-            environment = check_name(body.get("environment"), "environment")
-            action = body.get("action") or "deploy"
-            if action not in ("deploy", "rollback"):
-                raise DeployBusError(f"unknown action {action!r:.40}")
-            target = body.get("release")
-            if action == "rollback":
-                if target is not None:
-                    check_name(target, "release")
-                ref = f"rollback:{target or 'previous'}"
-            else:
-                ref = check_ref(body.get("ref"))
-            signer = self.verifier.verify(env, project=project, environment=environment)
-            if project not in self.ctx.config.projects:
-                raise DeployBusError(f"unknown project {project!r}")
-            ec = self.ctx.config.environments.get(environment)
-            if ec is None:
-                raise DeployBusError(f"unknown environment {environment!r}")
-            if ec.projects is not None and project not in ec.projects:
-                raise DeployBusError(f"project {project!r} is not deployed to {environment!r}")
-            hosts = body.get("hosts") or list(ec.hosts)
-            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-                raise DeployBusError("hosts must be a list of host names")
-            unknown = [h for h in hosts if h not in ec.hosts]
-            if unknown:
-                raise DeployBusError(f"hosts not in {environment}: {', '.join(unknown)}")
-            hosts = list(dict.fromkeys(hosts))
-            overrides = body.get("strategy")
-            if overrides is not None and not isinstance(overrides, dict):
-                raise DeployBusError("strategy must be a mapping")
-            strategy = Strategy.parse(ec.strategy, overrides)
-            strategy.phases(hosts)
-            override = body.get("override")
-            outside = ec.windows.refusal(envelope.now()) if ec.windows else None
-            if outside and not (isinstance(override, str) and override.strip()):
-                raise DeployBusError(f"{environment} is closed for deploys: {outside}; "
-                                     "an override needs a reason")
+            hosts, strategy, outside, ref, commit = self._check(msg, body)
         except DeployBusError as exc:
-            self.refuse(rollout, body, user, str(exc), signer)
+            self.refuse(body, user, str(exc), signer)
             return
-        if not self.store.create_rollout(id=rollout, project=project, environment=environment,
-                                         ref=ref, user=user, hosts=hosts, action=action,
-                                         target_release=target, strategy=strategy.to_dict(),
-                                         override=override if outside else None):
+        rollout = body.rollout
+        if not self.store.create_rollout(id=rollout, project=body.project,
+                                         environment=body.environment, ref=ref, user=user,
+                                         hosts=hosts, action=body.action,
+                                         target_release=body.release, commit=commit,
+                                         strategy=strategy.to_dict(),
+                                         override=body.override if outside else None):
             self.log.info("rollout already known; ignoring redelivery", rollout=rollout)
             return
-        held = self.store.acquire_lock(project=project, environment=environment, owner=user,
-                                       reason=f"rollout {rollout}: {ref}", ttl=LOCK_TTL,
-                                       rollout_id=rollout)
+        held = self.store.acquire_lock(project=body.project, environment=body.environment,
+                                       owner=user, reason=f"rollout {rollout}: {ref}",
+                                       ttl=LOCK_TTL, rollout_id=rollout)
         if held is not None:
             who = f"rollout {held['rollout']}" if held["rollout"] else "a manual lock"
-            reason = (f"{project}/{environment} is locked by {who} (owner {held['owner']}, "
-                      f"reason: {held['reason']}, since {held['acquired_at'][:19]}Z, "
-                      f"expires {held['expires_at'][:19]}Z)")
+            reason = (f"{body.project}/{body.environment} is locked by {who} (owner "
+                      f"{held['owner']}, reason: {held['reason']}, since "
+                      f"{held['acquired_at'][:19]}Z, expires {held['expires_at'][:19]}Z)")
             self.store.set_rollout(rollout, state="refused", reason=reason)
-            self.store.audit(actor=signer, action="refused", project=project,
-                             environment=environment, rollout_id=rollout, reason=reason,
+            self.store.audit(actor=signer.name, action="refused", project=body.project,
+                             environment=body.environment, rollout_id=rollout, reason=reason,
                              user=user)
-            self.send(topics.STATUS, "deploy.rollout.status",
-                      {"rollout": rollout, "state": "refused", "reason": reason,
-                       "lock": held}, correlation=rollout)
+            self.send(topics.STATUS, RolloutStatus(rollout=rollout, state=RolloutState.REFUSED,
+                                                   reason=reason, lock=held),
+                      correlation=rollout)
             self.log.warning("rollout refused: locked", rollout=rollout, holder=held)
             return
-        self.store.audit(actor=signer, action="accepted", project=project,
-                         environment=environment, rollout_id=rollout, user=user, ref=ref,
-                         hosts=hosts, strategy=strategy.to_dict())
+        self.store.audit(actor=signer.name, action="accepted", project=body.project,
+                         environment=body.environment, rollout_id=rollout, user=user, ref=ref,
+                         commit=commit, hosts=hosts, strategy=strategy.to_dict())
         if outside:
-            self.store.audit(actor=signer, action="window-override", project=project,
-                             environment=environment, rollout_id=rollout, user=user,
-                             reason=override, window=outside)
-            self.log.warning("deploy window overridden", rollout=rollout, reason=override,
+            self.store.audit(actor=signer.name, action="window-override", project=body.project,
+                             environment=body.environment, rollout_id=rollout, user=user,
+                             reason=body.override, window=outside)
+            self.log.warning("deploy window overridden", rollout=rollout, reason=body.override,
                              window=outside, user=user)
-        self.log.info("rollout accepted", rollout=rollout, project=project, ref=ref,
-                      environment=environment, hosts=hosts, user=user, signer=signer)
+        self.log.info("rollout accepted", rollout=rollout, project=body.project, ref=ref,
+                      commit=commit, environment=body.environment, hosts=hosts, user=user,
+                      signer=signer.name)
         record = self.store.rollout(rollout)
         assert record is not None
         self._launch(record)
 
-    def on_control(self, env: Envelope, _d: Delivery) -> None:
+    def on_control(self, msg: Message, _d: Delivery) -> None:
         """Pause, resume, promote or abort a rollout running here. Every
-        control message gets a signed answer on ``deploy.status`` naming its
-        id (``control_id``): ``control_done`` with what happened, or
-        ``control_refused`` with why; ``deploybus pause|resume|promote|abort``
-        waits for it."""
-        body = env.body
-        rollout, action = body.get("rollout"), body.get("action")
-        user = str(body.get("user") or env.sender)[:128]
-        record = None
+        control message from a trusted key gets a signed answer on
+        ``deploy.status`` naming its id (``control_id``): ``control_done``
+        with what happened, or ``control_refused`` with why; ``deploybus
+        pause|resume|promote|abort`` waits for it."""
+        body = msg.body
+        assert isinstance(body, Control)
+        rollout, action = body.rollout, body.action
+        user = self.requester(body, msg.signer)
+        record = self.store.rollout(rollout)
         try:
-            if not isinstance(rollout, str) or action not in CONTROL_ACTIONS:
-                raise DeployBusError(f"a control message needs a rollout id and one of "
-                                     f"{', '.join(CONTROL_ACTIONS)}")
-            rollout = check_name(rollout, "rollout id")
-            record = self.store.rollout(rollout)
             if record is None:
                 raise DeployBusError(f"no rollout {rollout!r} is known")
-            signer = self.verifier.verify(env, project=record["project"],
-                                          environment=record["environment"])
+            self.verifier.admit(msg.env, msg.signer, project=record["project"],
+                                environment=record["environment"])
             run = self.runs.get(rollout)
             if run is None:
                 raise DeployBusError(f"rollout {rollout} is {record['state']}; only a running "
                                      f"or paused rollout can be steered")
         except DeployBusError as exc:
             self.log.warning("control refused", rollout=rollout, action=action, reason=str(exc))
-            if isinstance(rollout, str) and rollout:
-                self.send(topics.STATUS, "deploy.rollout.status",
-                          {"rollout": rollout[:64],
-                           "state": record["state"] if record else "unknown",
-                           "control": str(action)[:16], "control_id": env.id,
-                           "control_refused": str(exc)}, correlation=rollout[:64])
+            self.send(topics.STATUS, RolloutStatus(
+                rollout=rollout, state=RolloutState(record["state"]) if record else None,
+                control=action, control_id=msg.env.id, control_refused=str(exc)),
+                correlation=rollout)
             return
         done = run.control(action, user)
-        self.store.audit(actor=signer, action=action, project=record["project"],
+        self.store.audit(actor=msg.signer.name, action=action, project=record["project"],
                          environment=record["environment"], rollout_id=rollout, user=user)
         self.store.add_log(rollout, "-", "control", f"{action} by {user}: {done}")
         self.log.info("rollout control", rollout=rollout, action=action, user=user, done=done)
-        self.send(topics.STATUS, "deploy.rollout.status",
-                  {"rollout": rollout, "state": record["state"], "control": action,
-                   "control_id": env.id, "control_done": done}, correlation=rollout)
+        self.send(topics.STATUS, RolloutStatus(
+            rollout=rollout, state=RolloutState(record["state"]), control=ControlAction(action),
+            control_id=msg.env.id, control_done=done), correlation=rollout)
 
-    def on_event(self, env: Envelope, _d: Delivery) -> None:
-        body = env.body
-        rollout, host = body.get("rollout"), body.get("host")
-        if not isinstance(rollout, str) or not isinstance(host, str):
+    def on_event(self, msg: Message, _d: Delivery) -> None:
+        """Progress and results, signed by the host they name (the dispatcher
+        saw to that); kept only if they answer a request we sent."""
+        body = msg.body
+        assert isinstance(body, Progress | Result)
+        key = Key(body.rollout, body.host, body.undo)
+        if isinstance(body, Progress):
+            ours = self.mailbox.progress(key, body.request_id)
+        else:
+            ours = self.mailbox.result(key, body)
+        if not ours:
+            self.ctx.stats.incr("unasked_answers")
+            self.log.warning("answer to no request of ours; ignored", type=msg.env.type,
+                             rollout=body.rollout, host=body.host, request=body.request_id)
             return
-        key = (rollout, host)
-        if env.type == "deploy.progress":
-            with self.cond:
-                if key in self._progress:
-                    self._progress[key] = time.monotonic()
-                if key in self._expected:
-                    self._acked.add(key)
-                    self.cond.notify_all()
-        if env.type == "deploy.progress" or "entries" in body:
+        if body.entries:
             # a result may carry the deploy's last progress entries
-            self.store.add_logs(rollout.removesuffix(".rb"), host,
-                                [(str(e.get("step", ""))[:32], _log_text(e))
-                                 for e in envelope.progress_entries(body)])
-        if env.type == "deploy.result":
-            with self.cond:
-                if body.get("status") == "refused" and body.get("request_id") not in (
-                        None, self._sent.get(key, body.get("request_id"))):
-                    return  # the refusal of a request since asked anew
-                if key in self._expected:
-                    self._results.setdefault(key, body)
-                    self.cond.notify_all()
+            self.store.add_logs(body.rollout, body.host,
+                                [(e.step, _log_text(e)) for e in body.entries])
 
-    def on_presence(self, env: Envelope, _d: Delivery) -> None:
-        host, daemon = env.body.get("host"), env.body.get("daemon", "keepalive")
-        if not isinstance(host, str) or daemon not in PRESENCE_DAEMONS:
-            raise DeployBusError(f"presence needs a host and one of {PRESENCE_DAEMONS} as "
-                                 f"daemon, got {daemon!r:.40}")
-        self.store.record_presence(check_name(host, "host"), env.body, daemon=daemon)
+    def on_presence(self, msg: Message, _d: Delivery) -> None:
+        body = msg.body
+        assert isinstance(body, protocol.Presence)
+        self.store.record_presence(body.host, protocol.to_dict(body), daemon=body.daemon)
+
+
+def _log_text(entry: protocol.ProgressEntry) -> str:
+    text = entry.message
+    if entry.lines:
+        text += "\n" + "\n".join(entry.lines)
+    return text

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from deploybus import gitutil, topics
 from deploybus.bus import Delivery
-from deploybus.dispatch import Dispatcher
-from deploybus.envelope import Envelope
+from deploybus.dispatch import Dispatcher, Message
 from deploybus.errors import DeployBusError
 from deploybus.heartbeat import Heartbeat
 from deploybus.runner import STOP_GRACE, Context, Service
@@ -26,7 +25,8 @@ class RepoFetcher(Service):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.state_dir = ctx.config.host(ctx.host).state_dir
-        self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats)
+        self.dispatcher = Dispatcher(ctx.bus, daemon=self.name, host=ctx.host, stats=ctx.stats,
+                                     verifier=ctx.config.verifier())
         self.heartbeat = Heartbeat(ctx, "fetcher", interval=ctx.config.host(ctx.host).heartbeat,
                                    log=self.log)
 
@@ -59,7 +59,9 @@ class RepoFetcher(Service):
     def healthy(self) -> bool:
         return self.heartbeat.alive()
 
-    def on_push(self, env: Envelope, _d: Delivery) -> None:
-        project = env.body.get("project")
+    def on_push(self, msg: Message, _d: Delivery) -> None:
+        """A ``git.push`` signed by a git (or CI) key: fetch that project's
+        mirror if this host serves it."""
+        project = getattr(msg.body, "project", None)
         if isinstance(project, str) and project in self.served():
             self.fetch(project)

@@ -50,9 +50,7 @@ def connect(url: str, *, client_name: str = "deploybus",
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    """The URL with any password replaced, for logs and errors
+    (:func:`deploybus.redact.url`)."""
+    from deploybus.redact import url as redact_url
+    return redact_url(url)

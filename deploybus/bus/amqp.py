@@ -37,6 +37,7 @@ from deploybus.bus.base import (
     Subscription,
     Transport,
     check_topic,
+    deliver,
     get_logger,
     refused,
 )
@@ -62,6 +63,20 @@ _AUTH_ERRORS = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed,
 
 
 class _Sub(Subscription):
+    """One consumer: its own connection, and its own thread that connects,
+    drains and reconnects.
+
+    The handler runs on that thread, and so this transport does not use the
+    shared :class:`~deploybus.bus.base.Worker` (it does use the shared
+    handler-failure policy, :func:`~deploybus.bus.base.deliver`): a py-amqp
+    channel is not thread-safe, so a message must be acked or rejected on
+    the thread that drains its connection, and handing the handler call to
+    another thread would need every settle sent back to this one. The price:
+    while a handler runs, this connection sends no heartbeats; a handler
+    that takes longer than about two heartbeat intervals loses the
+    connection and the broker redelivers its message (the dispatcher sets
+    such a message aside after a few deliveries)."""
+
     def __init__(self, t: AmqpTransport, topic: str, handler: Handler, queue: str | None,
                  prefetch: int) -> None:
         self.t, self.topic, self.handler, self.queue = t, topic, handler, queue
@@ -171,11 +186,7 @@ class _Sub(Subscription):
             _ack=lambda: settle(message.ack),
             _nack=lambda requeue: settle(message.reject, requeue),
         )
-        try:
-            self.handler(delivery)
-        except Exception:
-            log.exception("handler raised; message dropped", topic=self.topic)
-            delivery.nack(requeue=False)
+        deliver(self.handler, delivery, log, topic=self.topic)
 
     def cancel(self, timeout: float = 5.0) -> None:
         self.stop.set()

@@ -19,6 +19,11 @@ message at a time, on a thread owned by the transport; it must call
 :meth:`Delivery.ack` once the work is durable, or :meth:`Delivery.nack`.
 An ack on a connection that has since dropped is skipped: the broker will
 redeliver, which is why every handler is idempotent by message id.
+
+What happens when a handler raises is written once, here (:func:`deliver`),
+and so is the thread that calls the handler (:class:`Worker`); every
+transport uses the first, and every transport whose driver allows it the
+second.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Delivery:
     _ack: Callable[[], None] | None = field(default=None, repr=False)
     _nack: Callable[[bool], None] | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
+    _requeued: bool = field(default=False, repr=False)
 
     def ack(self) -> None:
         """Tell the broker the message is done with; it will not come back."""
@@ -67,11 +73,17 @@ class Delivery:
         """Hand the message back (``requeue=True``) or drop it."""
         if not self._settled and self._nack is not None:
             self._settled = True
+            self._requeued = requeue
             self._nack(requeue)
 
     @property
     def settled(self) -> bool:
         return self._settled
+
+    @property
+    def requeued(self) -> bool:
+        """Handed back with ``nack(requeue=True)``: it will come again."""
+        return self._requeued
 
 
 Handler = Callable[[Delivery], None]
@@ -84,6 +96,73 @@ class Subscription(abc.ABC):
     def cancel(self, timeout: float = 5.0) -> None:
         """Stop delivering; wait up to ``timeout`` seconds for a handler call
         in progress to return. Unacked messages go back to the broker."""
+
+
+def deliver(handler: Handler, delivery: Delivery, log: Any, **where: object) -> None:
+    """Call ``handler`` with ``delivery``: the handler-failure policy of every
+    transport, applied on the thread that consumes.
+
+    A handler that raises has its message logged and dropped
+    (``nack(requeue=False)``), and the subscription goes on with the next
+    one. Dropped, not handed back: a message that made its handler raise
+    would make it raise again, at the head of its queue, for ever. (The
+    dispatcher catches its handlers' errors itself and dead-letters the
+    message first; this is the floor under every subscriber.) A drop that
+    fails in turn (the connection died with the handler) is logged too, so
+    the consumer thread does not die of it; the broker redelivers what was
+    not settled. ``where`` names the subscription in the log lines.
+    """
+    try:
+        handler(delivery)
+    except Exception:
+        log.exception("handler raised; message dropped", **where)
+        try:
+            delivery.nack(requeue=False)
+        except Exception:
+            log.exception("could not drop the message; the broker will redeliver it", **where)
+
+
+class Worker(abc.ABC):
+    """The thread that calls one subscription's handler, one message at a time,
+    under :func:`deliver`'s policy.
+
+    A transport says where the next message comes from
+    (:meth:`next_delivery`); the loop, the policy and the thread are the same
+    on every transport that uses this. The thread is a daemon thread: one
+    stuck in a handler does not keep the process alive past its shutdown
+    order. It never ends silently: if anything but a handler's exception
+    (which :func:`deliver` takes care of) ends it, that is logged.
+    """
+
+    def __init__(self, handler: Handler, *, name: str, log: Any,
+                 where: Mapping[str, object]) -> None:
+        self.handler = handler
+        self._log = log
+        self._where = dict(where)
+        self.thread = threading.Thread(target=self._work, daemon=True, name=name)
+
+    @abc.abstractmethod
+    def next_delivery(self) -> Delivery | None:
+        """Block until the next message for the handler; None once the
+        subscription stops (the thread then ends)."""
+
+    def start_worker(self) -> None:
+        self.thread.start()
+
+    def join_worker(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the handler call in progress (not
+        from the handler itself: a handler may cancel its own subscription)."""
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=timeout)
+
+    def _work(self) -> None:
+        try:
+            while (delivery := self.next_delivery()) is not None:
+                deliver(self.handler, delivery, self._log, **self._where)
+        except BaseException:
+            self._log.exception("consumer thread ended by an error", thread=self.thread.name,
+                                **self._where)
+            raise
 
 
 class _LazyLog:

@@ -26,6 +26,7 @@ from deploybus.bus.base import (
     LinkClock,
     Subscription,
     Transport,
+    Worker,
     check_topic,
     get_logger,
     topic_matches,
@@ -88,18 +89,19 @@ class MemoryBroker:
                 q.cond.notify()
 
 
-class _MemorySubscription(Subscription):
+class _MemorySubscription(Worker, Subscription):
     _ids = itertools.count(1)
 
     def __init__(self, broker: MemoryBroker, q: _Queue, handler: Handler, prefetch: int) -> None:
-        self.broker, self.q, self.handler = broker, q, handler
+        super().__init__(handler, name=f"memory-sub-{q.name}-{next(self._ids)}", log=log,
+                         where={"queue": q.name})
+        self.broker, self.q = broker, q
         self.prefetch = max(1, prefetch)
         self.unacked: dict[int, _Message] = {}
         self.stopped = False
+        self._tags = itertools.count(1)
         q.consumers += 1
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"memory-sub-{q.name}-{next(self._ids)}")
-        self.thread.start()
+        self.start_worker()
 
     def _settle(self, tag: int, requeue: bool) -> None:
         with self.q.cond:
@@ -109,28 +111,21 @@ class _MemorySubscription(Subscription):
                 self.q.messages.appendleft(msg)
             self.q.cond.notify_all()
 
-    def _run(self) -> None:
-        tags = itertools.count(1)
-        while True:
-            with self.q.cond:
-                while not self.stopped and (not self.q.messages
-                                            or len(self.unacked) >= self.prefetch):
-                    self.q.cond.wait()
-                if self.stopped:
-                    return
-                msg = self.q.messages.popleft()
-                tag = next(tags)
-                self.unacked[tag] = msg
-            delivery = Delivery(
-                topic=msg.topic, body=msg.body, headers=msg.headers, redelivered=msg.redelivered,
-                _ack=functools.partial(self._settle, tag, False),
-                _nack=functools.partial(self._settle, tag),
-            )
-            try:
-                self.handler(delivery)
-            except Exception:
-                log.exception("handler raised; message dropped", queue=self.q.name)
-                delivery.nack(requeue=False)
+    def next_delivery(self) -> Delivery | None:
+        with self.q.cond:
+            while not self.stopped and (not self.q.messages
+                                        or len(self.unacked) >= self.prefetch):
+                self.q.cond.wait()
+            if self.stopped:
+                return None
+            msg = self.q.messages.popleft()
+            tag = next(self._tags)
+            self.unacked[tag] = msg
+        return Delivery(
+            topic=msg.topic, body=msg.body, headers=msg.headers, redelivered=msg.redelivered,
+            _ack=functools.partial(self._settle, tag, False),
+            _nack=functools.partial(self._settle, tag),
+        )
 
     def cancel(self, timeout: float = 5.0) -> None:
         with self.q.cond:
@@ -138,8 +133,7 @@ class _MemorySubscription(Subscription):
                 return
             self.stopped = True
             self.q.cond.notify_all()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=timeout)
+        self.join_worker(timeout)
         with self.q.cond:
             # Like a broker on a closed channel: what was not acked goes back.
             for tag in sorted(self.unacked, reverse=True):

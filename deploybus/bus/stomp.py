@@ -49,6 +49,7 @@ from deploybus.bus.base import (
     LinkClock,
     Subscription,
     Transport,
+    Worker,
     check_topic,
     get_logger,
     refused,
@@ -76,25 +77,35 @@ PUBLISH_TIMEOUT = 30.0
 #: whether the first connect was refused for good (then it raises at once).
 REFUSAL_CHECK = 0.1
 
+#: What stomp.py raises when a frame cannot be sent: its own errors, and the
+#: socket's (a broker that closed the connection on us shows as a broken
+#: pipe, which stomp.py passes through untranslated).
+_SEND_ERRORS = (stomp.exception.StompException, OSError)
 
-class _Sub(Subscription):
+
+class _Sub(Worker, Subscription):
+    """One subscription: stomp.py's receiver thread puts its frames in
+    ``inbox`` (see :class:`_Listener`), the :class:`Worker` thread hands them
+    to the handler, so a slow handler never holds up the connection's
+    heartbeats, receipts or other subscriptions."""
+
     def __init__(self, transport: StompTransport, topic: str, handler: Handler,
                  queue: str | None, prefetch: int) -> None:
-        self.transport, self.topic, self.handler = transport, topic, handler
+        super().__init__(handler, name=f"stomp-sub-{queue or topic}", log=log,
+                         where={"topic": topic})
+        self.transport, self.topic = transport, topic
         self.queue, self.prefetch = queue, max(1, prefetch)
         self.id = uuid.uuid4().hex
         self.inbox: queuemod.Queue[tuple[int, Any] | None] = queuemod.Queue()
         self.cancelled = False
-        self.worker = threading.Thread(target=self._work, daemon=True,
-                                       name=f"stomp-sub-{queue or topic}")
-        self.worker.start()
+        self.start_worker()
 
-    def _work(self) -> None:
+    def next_delivery(self) -> Delivery | None:
         t = self.transport
         while True:
             item = self.inbox.get()
             if item is None:
-                return
+                return None
             gen, frame = item
             if self.cancelled:
                 continue
@@ -102,7 +113,7 @@ class _Sub(Subscription):
             if ANCHOR in frame.headers:
                 t._settle(gen, ack_id, self.id, ack=True)
                 continue
-            delivery = Delivery(
+            return Delivery(
                 topic=t._topic_of(frame.headers.get("destination", ""), self.topic),
                 body=frame.body if isinstance(frame.body, bytes) else frame.body.encode(),
                 headers=dict(frame.headers),
@@ -111,11 +122,6 @@ class _Sub(Subscription):
                 _ack=functools.partial(t._settle, gen, ack_id, self.id, ack=True),
                 _nack=functools.partial(self._nack, gen, ack_id, frame),
             )
-            try:
-                self.handler(delivery)
-            except Exception:
-                log.exception("handler raised; message dropped", topic=self.topic)
-                delivery.nack(requeue=False)
 
     def _nack(self, gen: int, ack_id: str | None, frame: Any, requeue: bool) -> None:
         self.transport._settle(gen, ack_id, self.id, ack=False, requeue=requeue,
@@ -136,8 +142,7 @@ class _Sub(Subscription):
         self.cancelled = True
         self.inbox.put(None)
         # Let the handler in progress finish and ack before the broker is told.
-        if threading.current_thread() is not self.worker:
-            self.worker.join(timeout=timeout)
+        self.join_worker(timeout)
         self.transport._unsubscribe(self)
 
 
@@ -447,8 +452,9 @@ class StompTransport(Transport):
                         break
                 if waiter.is_set():
                     return
-            except stomp.exception.StompException as exc:
-                log.warning("stomp publish failed; retrying", topic=topic, error=str(exc))
+            except _SEND_ERRORS as exc:
+                log.warning("stomp publish failed; retrying", topic=topic,
+                            error=str(exc) or type(exc).__name__)
                 self._lost(gen)
             finally:
                 self._receipts.pop(rid, None)
@@ -466,7 +472,7 @@ class StompTransport(Transport):
             if conn is not None:
                 try:
                     waiter = self._send_subscribe(conn, sub)
-                except stomp.exception.StompException:
+                except _SEND_ERRORS:
                     self._lost(self._gen)  # resubscribed on reconnect
         self._start()
         if waiter is not None:
@@ -497,7 +503,7 @@ class StompTransport(Transport):
                            headers={**headers, "prefetch-count": "0", "receipt": rid})
             waiter.wait(PUBLISH_TIMEOUT)
             conn.unsubscribe(sub.id)
-        except stomp.exception.StompException as exc:
+        except _SEND_ERRORS as exc:
             raise BusConnectionError(f"declare {queue!r} failed: {exc}") from None
         finally:
             sub.cancelled = True
@@ -510,7 +516,7 @@ class StompTransport(Transport):
         if conn is not None:
             try:
                 conn.unsubscribe(sub.id)
-            except stomp.exception.StompException:
+            except _SEND_ERRORS:
                 pass
 
     def _settle(self, gen: int, ack_id: str | None, sub_id: str, *, ack: bool,
@@ -534,8 +540,9 @@ class StompTransport(Transport):
                 conn.nack(ack_id)
             else:
                 conn.nack(ack_id, requeue="false")
-        except stomp.exception.StompException as exc:
-            log.warning("stomp ack failed; broker will redeliver", error=str(exc))
+        except _SEND_ERRORS as exc:
+            log.warning("stomp ack failed; broker will redeliver",
+                        error=str(exc) or type(exc).__name__)
 
     def close(self, timeout: float = 5.0) -> None:
         for sub in list(self._subs.values()):

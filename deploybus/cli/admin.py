@@ -25,8 +25,16 @@ def keys() -> None:
 @keys.command("generate")
 @click.argument("name")
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path())
-def keys_generate(name: str, directory: str) -> None:
-    """Create NAME.key (private, 0600) and NAME.pub in DIR."""
+@click.option("--role", type=click.Choice(["person", "web", "ci", "orchestrator", "host", "git"]),
+              default=None, help="What the key is for; prints the keys.trusted entry to add.")
+def keys_generate(name: str, directory: str, role: str | None) -> None:
+    """Create NAME.key (private, 0600) and NAME.pub in DIR.
+
+    Every message on the bus is signed, and a key's role says what it may
+    sign: person (deploybus deploy, rollback and the control commands), web,
+    ci, orchestrator, host (one per host: its daemons' heartbeats and
+    results; name it after the host) and git (the post-receive hook).
+    """
     from deploybus.refs import NAME_RE
     from deploybus.signing import SigningKey
     if not NAME_RE.fullmatch(name):
@@ -37,6 +45,9 @@ def keys_generate(name: str, directory: str) -> None:
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     click.echo(f"private key: {priv}\npublic key:  {pub}\n{pub.read_text().strip()}")
+    if role:
+        click.echo(f"add to keys.trusted where it must be believed:\n"
+                   f"    {name}: {{key: {Path(pub).resolve()}, role: {role}}}")
 
 
 @cli.group("config")
@@ -62,10 +73,15 @@ def config_check(state: State, file: str | None) -> None:
         sys.exit(EXIT_CONFIG)
     from deploybus.bus import redact
     from deploybus.signing import key_id
-    if key is not None and key.id not in {key_id(k) for k in cfg.trusted.values()}:
+    roles = {key_id(k.public): k for k in cfg.trusted.values()}
+    if key is not None and key.id not in roles:
         click.echo(f"{path}: warning: the public key of keys.signing ({cfg.signing_key}) is "
                    f"not in keys.trusted here; whoever must believe what it signs needs its "
-                   f".pub in their keys.trusted", err=True)
+                   f".pub in their keys.trusted, with its role", err=True)
+    elif key is not None:
+        tk = roles[key.id]
+        click.echo(f"{path}: keys.signing is {tk.name!r} ({tk.role}"
+                   f"{f' for host {tk.host}' if tk.host else ''})")
     click.echo(f"{path}: ok: bus {redact(cfg.bus_url)}, {len(cfg.projects)} project(s), "
                f"{len(cfg.environments)} environment(s), "
                f"{len({h for e in cfg.environments.values() for h in e.hosts})} host(s), "
@@ -83,11 +99,14 @@ def hook() -> None:
 @click.option("--force", is_flag=True, help="Replace a post-receive hook not written by us.")
 @pass_state
 def hook_install(state: State, repo: str, project: str, force: bool) -> None:
-    """Install the post-receive hook into bare repository REPO."""
+    """Install the post-receive hook into bare repository REPO. It signs each
+    push with --key if given (a git key, see `keys generate`), else with
+    keys.signing."""
     from deploybus.daemons.git_listener.hook import install
     cfg = state.config
     try:
-        path = install(Path(repo), project=project, config=cfg.path, force=force)
+        path = install(Path(repo), project=project, config=cfg.path, force=force,
+                       key=Path(state.key_path) if state.key_path else None)
     except DeployBusError as exc:
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
@@ -101,15 +120,18 @@ def notify() -> None:
 
 @notify.command("push")
 @click.option("--project", required=True)
+@click.option("--key", "push_key", default=None, help="Key to sign with (as the global --key).")
 @pass_state
-def notify_push(state: State, project: str) -> None:
+def notify_push(state: State, project: str, push_key: str | None) -> None:
     """Read 'old new ref' lines (post-receive input) and publish git.push events."""
     from deploybus.bus import connect
     from deploybus.daemons.git_listener.hook import publish_pushes, pushes
     bodies = pushes(sys.stdin, project=project)
     try:
         cfg = state.config
-        key = cfg.load_signing_key() if cfg.signing_key else None
+        if push_key:
+            state.key_path = push_key
+        key = state.signing_key()
         bus = connect(cfg.bus_url, client_name=f"hook-{project}",
                       publish_timeout=HOOK_PUBLISH_TIMEOUT)
         try:

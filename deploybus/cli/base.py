@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,9 +27,18 @@ DEFAULT_CONFIG = "/etc/deploybus/deploybus.yaml"
 
 
 class State:
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, key_path: str | None = None) -> None:
         self.config_path = config_path
+        #: --key: the private key to sign with, over the config's choice.
+        self.key_path = key_path
         self._config: configmod.Config | None = None
+
+    def signing_key(self, host: str | None = None) -> Any:
+        """The key this command signs with: --key, else the host's own key
+        (hosts.<host>.signing), else keys.signing."""
+        from pathlib import Path
+        return self.config.load_signing_key(
+            host, path=Path(self.key_path).resolve() if self.key_path else None)
 
     @property
     def config(self) -> configmod.Config:
@@ -81,39 +90,45 @@ class Group(click.Group):
 @click.version_option(__version__, prog_name="deploybus")
 @click.option("--config", "-c", envvar="DEPLOYBUS_CONFIG", default=DEFAULT_CONFIG,
               show_default=True, help="Config file (or DEPLOYBUS_CONFIG).")
+@click.option("--key", "key_path", envvar="DEPLOYBUS_KEY", default=None, metavar="FILE",
+              help="Private key to sign with (or DEPLOYBUS_KEY; default: keys.signing, and "
+                   "for a host's daemons hosts.<host>.signing).")
 @click.pass_context
-def cli(ctx: click.Context, config: str) -> None:
+def cli(ctx: click.Context, config: str, key_path: str | None) -> None:
     """deploybus: one-click, audited deploys from a git tag to your servers."""
-    ctx.obj = State(config)
+    ctx.obj = State(config, key_path)
 
 
 def main() -> None:
     cli(prog_name="deploybus")
 
 
-def _context(state: State, host: str | None, *, daemon: str, need_key: bool = False,
+def _context(state: State, host: str | None, *, daemon: str,
              publish_timeout: float = 30.0) -> Context:
+    """What a daemon runs with: the config, its host name, the bus and the key
+    it signs with (every message on the bus is signed: a daemon without a
+    key does not start)."""
     from deploybus.bus import connect
     from deploybus.runner import Context
 
     cfg = state.config
-    key = None
-    if cfg.signing_key is not None:
-        try:
-            key = cfg.load_signing_key()
-        except ConfigError as exc:
-            click.echo(f"deploybus: {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
-    elif need_key:
-        click.echo(f"deploybus: {cfg.path}: keys.signing is required for {daemon}", err=True)
+    name = host or socket.gethostname()
+    try:
+        key = state.signing_key(name if host is not None or daemon in HOST_DAEMONS else None)
+    except ConfigError as exc:
+        click.echo(f"deploybus {daemon}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     try:
-        bus = connect(cfg.bus_url, client_name=f"{daemon}@{host or socket.gethostname()}",
+        bus = connect(cfg.bus_url, client_name=f"{daemon}@{name}",
                       publish_timeout=publish_timeout)
     except BusError as exc:
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    return Context(config=cfg, bus=bus, host=host or socket.gethostname(), signing_key=key)
+    return Context(config=cfg, bus=bus, host=name, signing_key=key)
+
+
+#: Daemons that act for one host (and sign with its key).
+HOST_DAEMONS = frozenset({"agent", "fetcher", "keepalive"})
 
 
 def _run(name: str, ctx: Context, services: list[Service]) -> None:

@@ -60,7 +60,7 @@ def orchestrator(state: State) -> None:
     """Run the orchestrator (rollouts)."""
     from deploybus.daemons.orchestrator.service import Orchestrator
     _setup_logging()
-    ctx = _context(state, None, daemon="orchestrator", need_key=True)
+    ctx = _context(state, None, daemon="orchestrator")
     _run("orchestrator", ctx, [Orchestrator(ctx)])
 
 
@@ -74,7 +74,7 @@ def web(state: State, bind: str, port: int) -> None:
     _setup_logging()
     # A person waits on every publish: with the broker away, say so in
     # seconds (503) rather than after the daemons' 30 s of retries.
-    ctx = _context(state, None, daemon="web", need_key=True, publish_timeout=WEB_PUBLISH_TIMEOUT)
+    ctx = _context(state, None, daemon="web", publish_timeout=WEB_PUBLISH_TIMEOUT)
     _run("web", ctx, [WebServer(ctx, bind=bind, port=port)])
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from deploybus import envelope, topics
+from deploybus import envelope, protocol, topics
 from deploybus.bus import redact
 from deploybus.cli.base import State, cli, pass_state
 from deploybus.config import Config, EnvironmentConfig
@@ -35,9 +35,6 @@ def _login() -> str:
     import getpass  # not at import: every daemon loads this module with the CLI
     return getpass.getuser()
 
-
-#: How long a deploy.rollout may wait for the orchestrator before it expires.
-ROLLOUT_TTL = 3600
 
 #: Seconds ``--wait`` waits for the orchestrator's first word before saying so.
 SILENCE_HINT_AFTER = 10.0
@@ -85,9 +82,10 @@ def print_event(env: envelope.Envelope) -> None:
 def follow(bus: Any, cfg: Config, rollout: str, handle: Callable[[envelope.Envelope], None],
            *, events: bool = False) -> None:
     """Call ``handle`` with every message about ``rollout`` on ``deploy.status``
-    (and ``deploy.events`` with ``events``). A status message counts only if
-    its signature checks out: it is what the command's words and exit code
-    rest on."""
+    (and ``deploy.events`` with ``events``). A message counts only if it is
+    well formed and signed by a key whose role may send it: a status only
+    by an orchestrator key (it is what the command's words and exit code
+    rest on), progress only by the host it names."""
     verifier = cfg.verifier()
 
     def on_message(d: Any) -> None:
@@ -95,12 +93,12 @@ def follow(bus: Any, cfg: Config, rollout: str, handle: Callable[[envelope.Envel
             env = envelope.decode(d.body)
             if env.correlation != rollout:
                 return
-            if env.type == "deploy.rollout.status":
-                try:
-                    verifier.signer(env)
-                except DeployBusError as exc:
-                    click.echo(f"ignoring unverified status message: {exc}", err=True)
-                    return
+            body = protocol.parse(env.type, env.body)
+            try:
+                verifier.identify(env, body)
+            except DeployBusError as exc:
+                click.echo(f"ignoring untrusted {env.type} message: {exc}", err=True)
+                return
             handle(env)
         except DeployBusError as exc:
             click.echo(f"ignoring malformed message: {exc}", err=True)
@@ -112,7 +110,7 @@ def follow(bus: Any, cfg: Config, rollout: str, handle: Callable[[envelope.Envel
         bus.subscribe(topics.EVENTS, on_message)
 
 
-def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
+def submit(state: State, body: dict[str, Any], *, wait: bool, timeout: float,
            summary: str, verbose: bool = False) -> None:
     """Publish a signed ``deploy.rollout``; with ``wait`` follow it and exit with its outcome.
 
@@ -122,7 +120,9 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
     """
     from deploybus.bus import connect
 
-    key = cfg.load_signing_key()
+    cfg = state.config
+    key = state.signing_key()
+    typed = protocol.parse("deploy.rollout", {k: v for k, v in body.items() if v is not None})
     rollout = body["rollout"]
     finished = threading.Event()
     heard = threading.Event()  # the orchestrator said anything of this rollout
@@ -142,11 +142,10 @@ def submit(cfg: Config, body: dict[str, Any], *, wait: bool, timeout: float,
     try:
         if wait:
             follow(bus, cfg, rollout, handle, events=verbose)
-        env = envelope.new("deploy.rollout", body, sender=f"cli@{socket.gethostname()}",
-                           correlation=rollout, ttl=ROLLOUT_TTL)
         # Into the orchestrator's queue even if none has run on this broker
         # yet: the rollout waits there for the first one.
-        bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS, key.sign(env).encode())
+        bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS, protocol.seal(
+            typed, key=key, sender=f"cli@{socket.gethostname()}", correlation=rollout))
         click.echo(f"rollout {rollout}: {summary}")
         if not wait:
             return
@@ -292,7 +291,7 @@ def deploy(state: State, project: str, ref: str, environment: str, **o: Any) -> 
         raise click.BadParameter(str(exc), param_hint="REF") from None
     body = rollout_body(state, project, environment, o) | {"ref": ref, "action": "deploy"}
     hosts = f" ({', '.join(body['hosts'])})" if body["hosts"] else ""
-    submit(state.config, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
+    submit(state, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
            summary=f"{project} {ref} -> {environment}{hosts}")
 
 
@@ -307,7 +306,7 @@ def rollback(state: State, project: str, environment: str, release: str | None,
     """Switch PROJECT on ENV back to the previous good release (or --to RELEASE)."""
     body = rollout_body(state, project, environment, o) | {"action": "rollback",
                                                            "release": release}
-    submit(state.config, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
+    submit(state, body, wait=o["wait"], timeout=o["timeout"], verbose=o["verbose"],
            summary=f"rollback {project} on {environment} to {release or 'previous release'}")
 
 
@@ -324,10 +323,11 @@ def control(state: State, rollout: str, action: str, user: str | None,
     except DeployBusError as exc:
         raise click.BadParameter(str(exc), param_hint="ROLLOUT") from None
     cfg = state.config
-    key = cfg.load_signing_key()
-    env = envelope.new("deploy.control", {"rollout": rollout, "action": action,
-                                          "user": user or _login()},
-                       sender=f"cli@{socket.gethostname()}", correlation=rollout, ttl=timeout)
+    key = state.signing_key()
+    env = protocol.sign(protocol.Control(rollout=rollout, action=protocol.ControlAction(action),
+                                         user=user or _login()),
+                        key=key, sender=f"cli@{socket.gethostname()}", correlation=rollout,
+                        ttl=timeout)
     answer: dict[str, Any] = {}
     answered = threading.Event()
 
@@ -341,7 +341,7 @@ def control(state: State, rollout: str, action: str, user: str | None,
         follow(bus, cfg, rollout, handle)
         # Into the orchestrator's queue even if none has run yet; it expires
         # when we stop waiting.
-        bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL, key.sign(env).encode())
+        bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL, env.encode())
         if not answered.wait(timeout):
             click.echo(f"rollout {rollout}: no answer to {action} from the orchestrator within "
                        f"{timeout:.0f}s; is `deploybus orchestrator` running on "

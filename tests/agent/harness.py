@@ -52,6 +52,12 @@ class Repo:
             git("push", "-q", "origin", "main", tag, cwd=self.work)
         return git("rev-parse", "HEAD", cwd=self.work).strip()
 
+    def commit_of(self, ref: str) -> str | None:
+        """The commit ``ref`` names in the bare repository (None if it names none)."""
+        r = subprocess.run(["git", "rev-parse", "--verify", "-q", "--end-of-options",
+                            f"{ref}^{{commit}}"], cwd=self.bare, capture_output=True, text=True)
+        return r.stdout.strip() or None
+
     def files(self, commit: str) -> set[str]:
         """Every file path (and the directories above them) of ``commit``."""
         out = git("ls-tree", "-r", "-t", "--name-only", commit, cwd=self.work)
@@ -155,8 +161,10 @@ class Site:
         self.repo = repo or Repo(base / "repo")
         self.root, self.state = base / "srv", base / "state"
         self.keys = base / "keys"
-        self.key = SigningKey.generate("deployer")
+        # the orchestrator's key signs the test's requests; the host's, its results
+        self.key = SigningKey.generate("orchestrator")
         self.key.save(self.keys)
+        SigningKey.generate(host).save(self.keys)
         self.config_path = base / "deploybus.yaml"
         self.write_config(projects)
 
@@ -164,11 +172,12 @@ class Site:
         projects = {name: {"git": str(self.repo.bare), **p} for name, p in projects.items()}
         doc = {
             "bus": {"url": self.bus_url},
-            "keys": {"signing": str(self.keys / "deployer.key"),
-                     "trusted": {"deployer": str(self.keys / "deployer.pub")},
-                     "policy": [{"signer": "deployer", "projects": ["*"],
-                                 "environments": ["*"]}]},
-            "hosts": {self.host: {"root": str(self.root), "state_dir": str(self.state)}},
+            "keys": {"trusted": {
+                "orchestrator": {"key": str(self.keys / "orchestrator.pub"),
+                                 "role": "orchestrator"},
+                self.host: {"key": str(self.keys / f"{self.host}.pub"), "role": "host"}}},
+            "hosts": {self.host: {"root": str(self.root), "state_dir": str(self.state),
+                                  "signing": str(self.keys / f"{self.host}.key")}},
             "projects": projects,
             "environments": {"prod": {"hosts": [self.host]}},
         }
@@ -188,6 +197,10 @@ class Site:
                                 "host": self.host, "user": "tester", "action": action}
         if ref is not None:
             body["ref"] = ref
+            commit = self.repo.commit_of(ref) if action == "deploy" else None
+            if commit is not None and "commit" not in extra:
+                # as the orchestrator does: the ref resolved once, to a commit
+                body["commit"] = commit
         if release is not None:
             body["release"] = release
         body.update(extra)
@@ -214,7 +227,7 @@ class InProcessAgent:
         self.site = site
         self.bus = connect(site.bus_url)
         self.ctx = Context(config=site.config(), bus=self.bus, host=site.host,
-                           signing_key=None)
+                           signing_key=SigningKey.load(site.keys / f"{site.host}.key"))
         self.agent = DeployAgent(self.ctx)
 
     def start(self) -> InProcessAgent:

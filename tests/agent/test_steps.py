@@ -354,7 +354,8 @@ def test_unpublished_result_is_sent_when_the_agent_starts(harness) -> None:
     j = h.site.state / "journal"
     j.mkdir(parents=True)
     (j / "r-unsent.json").write_text(
-        '{"state": "done", "published": false, "rollout": "r-unsent", '
+        '{"state": "done", "published": false, "rollout": "r-unsent", "action": "deploy", '
+        '"request": {"id": "request-0001", "project": "app", "environment": "prod"}, '
         '"result": {"status": "succeeded", "release": "R"}}')
     h.start()
     assert h.events.result("r-unsent")["release"] == "R"
@@ -379,7 +380,8 @@ def test_a_deploy_killed_after_its_release_was_ok_is_reported_complete(harness,
     (h.site.state / "journal" / "r-killed.json").write_text(json.dumps({
         "rollout": "r-killed", "action": "deploy", "state": "running", "step": "post_switch",
         "release": r2["release"], "previous_release": r1["release"],
-        "request": {"project": "app", "environment": "prod", "ref": "v2", "user": "tester"}}))
+        "request": {"id": "request-0002", "project": "app", "environment": "prod", "ref": "v2",
+                    "user": "tester"}}))
     h.start()
     result = h.events.result("r-killed")
     assert result["status"] == "succeeded", result
@@ -536,7 +538,7 @@ def test_warm_stop_finishes_the_running_deploy_and_reports_queued_ones(
 
 
 def test_a_quiet_step_still_sends_heartbeats(harness, monkeypatch) -> None:
-    from deploybus.daemons.deploy_agent import agent as agent_mod
+    from deploybus.daemons.deploy_agent import workers as agent_mod
     monkeypatch.setattr(agent_mod, "HEARTBEAT", 0.5)
     h = harness({"app": {"scripts": {"pre": "sleep 2.5"}}}, start=False)
     h.repo.commit("v1")

@@ -44,33 +44,37 @@ class Sent:
 
 
 class Web:
-    """The app, its store and bus, and a client that holds a CSRF token."""
+    """The app, its store and bus, and a client that holds a CSRF token.
+    ``git`` is project app's repository URL; ``extra`` is more config YAML."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, git: str | None = None, extra: str = "") -> None:
         key = SigningKey.generate("web")
         key.save(tmp)
         self.config = parse(f"""
 bus: {{url: "memory://web-{uuid.uuid4().hex}"}}
 keys:
   signing: web.key
-  trusted: {{web: web.pub}}
+  trusted: {{web: {{key: web.pub, role: web}}}}
   policy: [{{signer: web}}]
 state: {{url: "sqlite:///{tmp / 'state.db'}"}}
 projects:
-  app: {{git: {tmp / 'none.git'}}}
+  app: {{git: "{git or tmp / 'none.git'}"}}
   other: {{git: {tmp / 'none.git'}}}
 environments:
   prod: {{hosts: [h1, h2, h3]}}
   lab: {{hosts: [l1], projects: [other]}}
-""", tmp / "deploybus.yaml")
+{extra}""", tmp / "deploybus.yaml")
         self.bus = MemoryTransport(self.config.bus_url)
         self.store = Store(self.config.state_url)
         self.verifier = Verifier(self.config.trusted, self.config.policy)
         ctx = Context(config=self.config, bus=self.bus, host="web1", signing_key=key)
         self.rollouts = Sent(self.bus, topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS)
         self.controls = Sent(self.bus, topics.CONTROL, topics.ORCHESTRATOR_CONTROL)
-        self.client: FlaskClient = create_app(ctx, self.store).test_client()
-        self.csrf = self.client.get("/api/csrf").get_json()["csrf"]
+        self.app = create_app(ctx, self.store)
+        self.client: FlaskClient = self.app.test_client()
+        # The test client asks as "localhost": an app configured without it
+        # answers it 400 (tests/security/test_web_host.py) and has no token.
+        self.csrf = self.client.get("/api/csrf").get_json().get("csrf", "")
 
     def post(self, path: str, body: Any, *, csrf: bool = True) -> Any:
         headers = {"X-CSRF-Token": self.csrf} if csrf else {}
@@ -106,7 +110,7 @@ def test_control_sends_a_signed_message_and_answers_202(web: Web) -> None:
     assert env.type == "deploy.control"
     assert env.body == {"rollout": rid, "action": "promote", "user": "web"}
     assert env.correlation == rid and env.sender == "web@web1" and env.expires
-    assert web.verifier.verify(env, project="app", environment="prod") == "web"
+    assert str(web.verifier.verify(env, project="app", environment="prod")) == "web"
 
 
 @pytest.mark.parametrize("body, code, says", [
@@ -228,7 +232,7 @@ def test_strategy_is_passed_through_signed(web: Web) -> None:
     [env] = web.rollouts.wait()
     assert env.body["strategy"] == {"canary": 1, "pause": "promote"}
     assert env.body["rollout"] == r.get_json()["rollout"]
-    assert web.verifier.verify(env, project="app", environment="prod") == "web"
+    assert str(web.verifier.verify(env, project="app", environment="prod")) == "web"
 
 
 @pytest.mark.parametrize("strategy, says", [
@@ -314,3 +318,130 @@ def test_every_page_has_the_navigation(web: Web) -> None:
     assert 'href="/rollouts">&larr; Recent rollouts</a>' in \
         web.client.get(f"/rollouts/{rid}").get_data(as_text=True)
     assert rid in web.client.get("/rollouts").get_data(as_text=True)
+
+
+# -- bad parameters are a 400, never a 500 ----------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+#: Bodies of POST /api/rollouts that are not a deploy request, and what the 400 says.
+BAD_BODIES: list[tuple[Any, str]] = [
+    (b"{", "the body is not valid JSON"),
+    (b"\xff\xfe{}", "the body is not valid JSON"),
+    (DEEP.encode(), "nested too deeply"),
+    (b"null", "the body must be a JSON object"),
+    (b'"app"', "the body must be a JSON object"),
+    (b"5", "the body must be a JSON object"),
+    ({"project": {"a": 1}, "environment": "prod", "ref": "v1"}, "Project: there is no project"),
+    ({"project": "app", "environment": ["prod"], "ref": "v1"}, "Environment: there is no"),
+    ({"project": "app", "environment": "prod", "ref": 5}, "Tag or ref: must be a string, not int"),
+    ({"project": "app", "environment": "prod", "ref": ["v1"]}, "Tag or ref: must be a string"),
+    ({"project": "app", "environment": "prod", "ref": {"v": 1}}, "Tag or ref: must be a string"),
+    ({"project": "app", "environment": "prod", "ref": "v1\x00"}, "Tag or ref:"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "hosts": "h1"}, "Servers: must be"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "hosts": [1]}, "Servers: must be"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "hosts": [["h1"]]}, "Servers:"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "hosts": {"h1": 1}}, "Servers:"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "strategy": ["canary"]},
+     "Strategy: must be an object"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "strategy": {"canary": "\u00b2"}},
+     "Strategy: canary host"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "strategy": {"batch": "\u00b2"}},
+     "Strategy: batch"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "strategy": {"canary": [1]}},
+     "Strategy: canary must be"),
+    ({"project": "app", "environment": "prod", "ref": "v1", "strategy": {"window": "2"}},
+     "Strategy: window must be"),
+]
+
+
+@pytest.mark.parametrize("body, says", BAD_BODIES)
+def test_a_bad_deploy_body_is_a_400_naming_the_problem(web: Web, body: Any, says: str) -> None:
+    if isinstance(body, bytes):
+        r = web.client.post("/api/rollouts", data=body, content_type="application/json",
+                            headers={"X-CSRF-Token": web.csrf})
+    else:
+        r = web.post("/api/rollouts", body)
+    assert r.status_code == 400, r.get_data(as_text=True)[:300]
+    assert says in r.get_json()["error"]
+    assert not web.rollouts.items
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("setting", ["pause", "stuck"])
+def test_a_strategy_of_no_finite_seconds_is_a_400(web: Web, raw: str, setting: str) -> None:
+    body = ('{"project": "app", "environment": "prod", "ref": "v1", '
+            f'"strategy": {{"{setting}": {raw}}}}}')
+    r = web.client.post("/api/rollouts", data=body, content_type="application/json",
+                        headers={"X-CSRF-Token": web.csrf})
+    assert r.status_code == 400 and r.get_json()["field"] == "strategy"
+    assert r.get_json()["error"].startswith(f"Strategy: {setting} must be seconds")
+
+
+@pytest.mark.parametrize("body", [b"{", DEEP.encode(), b'{"action": {"pause": 1}}',
+                                  b'{"action": ["pause"]}', b'"pause"'])
+def test_a_bad_control_body_is_a_400(web: Web, body: bytes) -> None:
+    r = web.client.post(f"/api/rollouts/{web.rollout()}/control", data=body,
+                        content_type="application/json", headers={"X-CSRF-Token": web.csrf})
+    assert r.status_code == 400 and "unknown action" in r.get_json()["error"]
+    assert not web.controls.items
+
+
+@pytest.mark.parametrize("token", ["\u00e9t\u00e9", "x" * 5000, " "])
+def test_a_csrf_token_of_any_shape_is_a_400(web: Web, token: str) -> None:
+    r = web.client.post("/api/rollouts", json={"project": "app"},
+                        headers={"X-CSRF-Token": token.encode().decode("latin-1")})
+    assert r.status_code == 400 and "CSRF" in r.get_json()["error"]
+    r = web.client.post("/deploy", data={"csrf": token, "project": "app"})
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("limit", ["", "1.5", "abc", "9" * 5000, "1e3", "0x10", "\u0000"])
+def test_every_bad_limit_is_a_json_400(web: Web, limit: str) -> None:
+    r = web.client.get("/api/rollouts", query_string={"limit": limit})
+    assert r.status_code == 400 and "limit must be a whole number" in r.get_json()["error"]
+
+
+@pytest.mark.parametrize("rid", ["%00", "..", "a" * 300, "%ff%fe", "-rf", "a.b;c", "%E2%80%AE"])
+def test_a_rollout_id_of_any_shape_is_a_404(web: Web, rid: str) -> None:
+    assert web.client.get(f"/rollouts/{rid}").status_code == 404
+    r = web.client.get(f"/api/rollouts/{rid}")
+    assert r.status_code == 404 and r.get_json()["state"] == "pending"
+    r = web.post(f"/api/rollouts/{rid}/control", {"action": "pause"})
+    assert r.status_code == 404 and "no rollout" in r.get_json()["error"]
+    r = web.client.post(f"/rollouts/{rid}/control", data={"csrf": web.csrf, "action": "pause"})
+    assert r.status_code == 303
+    assert not web.controls.items
+
+
+def test_a_body_too_large_is_a_413_not_read(web: Web) -> None:
+    r = web.client.post("/api/rollouts", data=b"[" + b"1," * 600_000 + b"1]",
+                        content_type="application/json", headers={"X-CSRF-Token": web.csrf})
+    assert r.status_code == 413 and "error" in r.get_json()
+
+
+def test_git_missing_leaves_the_tag_list_empty(web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    import git
+
+    def no_git(*_args: Any, **_kwargs: Any) -> str:
+        raise git.GitCommandNotFound("git", "No such file or directory")
+
+    monkeypatch.setattr(git.cmd.Git, "ls_remote", no_git, raising=False)
+    r = web.client.get("/api/projects")
+    assert r.status_code == 200 and r.get_json()[0]["tags"] == []
+    assert web.client.get("/").status_code == 200
+
+
+def test_the_state_database_gone_is_a_503_saying_so(web: Web) -> None:
+    from sqlalchemy import text
+    with web.store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE rollout_logs"))
+        conn.execute(text("DROP TABLE host_steps"))
+        conn.execute(text("DROP TABLE rollouts"))
+    r = web.client.get("/api/rollouts")
+    assert r.status_code == 503
+    assert r.get_json()["error"].startswith("the state database is not available; try again")
+    assert "rollouts failed" in r.get_json()["error"]
+    r = web.client.get("/rollouts")
+    assert r.status_code == 503 and "the state database is not available" in r.get_data(True)
+    assert web.client.get("/api/rollouts/abc").status_code == 503

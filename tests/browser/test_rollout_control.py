@@ -21,6 +21,7 @@ import yaml
 from playwright.sync_api import expect
 
 from deploybus import allinone
+from deploybus.signing import SigningKey
 from tests.browser.harness import PHONE, api_post, fits_the_width, free_port, screenshot, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -30,7 +31,8 @@ def two_host_config() -> str:
     """`deploybus up`'s config with a second host in demo and project slow."""
     cfg = yaml.safe_load(allinone.CONFIG)
     cfg["hosts"]["second"] = {"root": "deploy-second", "state_dir": "state/second",
-                              "heartbeat": 3}
+                              "heartbeat": 3, "signing": "keys/second.key"}
+    cfg["keys"]["trusted"]["second"] = {"key": "keys/second.pub", "role": "host"}
     cfg["projects"]["slow"] = {"git": "git/sample.git", "scripts": {"pre": "sleep 5"}}
     cfg["environments"]["demo"]["hosts"] = ["local", "second"]
     return yaml.safe_dump(cfg, sort_keys=False)
@@ -39,6 +41,7 @@ def two_host_config() -> str:
 @pytest.fixture(scope="module")
 def up2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("up2")
+    SigningKey.generate("second").save(data / "keys")  # the second host's own key
     (data / "deploybus.yaml").write_text(two_host_config())
     port = free_port()
     server = serve([sys.executable, "-m", "deploybus.cli", "up", "--port", str(port),

@@ -142,7 +142,7 @@ def test_pages_fit_a_phone(up, browser, tmp_path: Path) -> None:  # noqa: ANN001
     context.close()
 
 
-def test_failed_rollout_shows_its_reason_in_red(up, browser) -> None:  # noqa: ANN001
+def test_refused_rollout_shows_its_reason_in_red(up, browser) -> None:  # noqa: ANN001
     base, _ = up
     page = browser.new_page()
     page.goto(base + "/")
@@ -150,12 +150,14 @@ def test_failed_rollout_shows_its_reason_in_red(up, browser) -> None:  # noqa: A
                                                    "ref": "v9.9.9"})
     assert status == 202, body
     page.goto(base + f"/rollouts/{body['rollout']}")
-    page.wait_for_function("document.getElementById('state').textContent === 'failed'",
+    # the orchestrator resolves the ref on the git server before it asks any
+    # host: a tag that is not there refuses the rollout
+    page.wait_for_function("document.getElementById('state').textContent === 'refused'",
                            timeout=30000)
-    assert page.get_attribute("#state", "class") == "state state-failed"
+    assert page.get_attribute("#state", "class") == "state state-refused"
     reason = page.locator("#reason")
     assert reason.is_visible() and reason.get_attribute("class") == "notice notice-error"
-    assert "'v9.9.9' not found" in reason.inner_text()
+    assert "no tag or branch v9.9.9 in" in reason.inner_text()
     assert page.locator("#controls").is_hidden()
     page.close()
 

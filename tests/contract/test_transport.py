@@ -6,10 +6,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 
 import pytest
 
 from deploybus.bus import Delivery, Transport, connect
+from deploybus.errors import BusError
+from tests.conftest import REAL_BROKERS, broker_url
 
 pytestmark = pytest.mark.broker
 
@@ -222,3 +225,48 @@ def test_fanout_subscription_ends_with_cancel(bus: Transport) -> None:
     sub.cancel()
     bus.publish("short.lived", b"2")
     assert inbox.nothing()
+
+
+def test_handler_that_raises_loses_its_message_not_the_subscription(bus: Transport) -> None:
+    """The handler-failure policy every transport shares
+    (deploybus.bus.base.deliver): the message is dropped, not handed back to
+    the head of the queue, and the one behind it is delivered."""
+    got: queue.Queue[bytes] = queue.Queue()
+
+    def handler(d: Delivery) -> None:
+        got.put(d.body)
+        if d.body == b"boom":
+            raise RuntimeError("boom")
+        d.ack()
+
+    bus.subscribe("poison.items", handler, queue="poison", prefetch=1)
+    bus.publish("poison.items", b"boom")
+    bus.publish("poison.items", b"fine")
+    assert got.get(timeout=WAIT) == b"boom"
+    assert got.get(timeout=WAIT) == b"fine"
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.7)
+
+
+#: Bigger than the test brokers take: RabbitMQ's max_message_size (128 MiB by
+#: default) and ActiveMQ's STOMP frame data (100 MiB).
+TOO_BIG = 130 * 1024 * 1024
+
+
+@pytest.mark.parametrize("kind", REAL_BROKERS)
+def test_publish_the_broker_refuses_raises_bus_error(kind: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """A message the broker refuses is a BusError, never a driver's error
+    (ActiveMQ closes the connection, which stomp.py reported as a bare
+    BrokenPipeError), and the transport goes on working."""
+    url = broker_url(kind, request, f"t{uuid.uuid4().hex[:10]}")
+    t = connect(url, client_name="contract", publish_timeout=5)
+    try:
+        inbox = Inbox()
+        t.subscribe("after.refusal", inbox)
+        with pytest.raises(BusError):
+            t.publish("too.big", b"x" * TOO_BIG)
+        t.publish("after.refusal", b"still here")
+        assert inbox.get().body == b"still here"
+    finally:
+        t.close()

@@ -86,8 +86,15 @@ class Cluster:
     def current(self, host: str, project: str = "app") -> Path:
         return self.root(host) / project / "current"
 
+    def key(self, name: str) -> Path:
+        """The private key file of ``name`` (deployer, orchestrator, git or a host)."""
+        return self.keys / f"{name}.key"
+
     def setup(self) -> None:
-        SigningKey.generate("deployer").save(self.keys)
+        # one key per role holder, as on real servers: a person (the CLI),
+        # the orchestrator, the git server's hook, and each host
+        for name in ("deployer", "orchestrator", "git", *self.hosts):
+            SigningKey.generate(name).save(self.keys)
         self.bare.parent.mkdir(parents=True)
         git("init", "--bare", "-q", str(self.bare), cwd=self.base)
         self.work.mkdir()
@@ -96,15 +103,18 @@ class Cluster:
         scripts_yaml = "".join(f"      {k}: {json.dumps(v)}\n" for k, v in self.app_scripts.items())
         beat = f"    heartbeat: {self.heartbeat}\n" if self.heartbeat else ""
         hosts_yaml = "".join(f"  {h}:\n    root: {self.root(h)}\n    state_dir: {self.state(h)}\n"
-                             f"{beat}" for h in self.hosts)
+                             f"    signing: keys/{h}.key\n{beat}" for h in self.hosts)
+        trusted = "".join(f"    {h}: {{key: keys/{h}.pub, role: host}}\n" for h in self.hosts)
         self.config.write_text(f"""\
 bus:
   url: "{self.bus_url}"
 keys:
   signing: keys/deployer.key
   trusted:
-    deployer: keys/deployer.pub
-  policy:
+    deployer: {{key: keys/deployer.pub, role: person}}
+    orchestrator: {{key: keys/orchestrator.pub, role: orchestrator}}
+    git: {{key: keys/git.pub, role: git}}
+{trusted}  policy:
     - signer: deployer
       projects: ["*"]
       environments: ["*"]
@@ -125,6 +135,7 @@ environments:
     request_timeout: {self.request_timeout}
 {self.env_extra}""")
         out = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(self.config),
+                              "--key", str(self.key("git")),
                               "hook", "install", str(self.bare), "--project", "app"],
                              env=self.env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
@@ -146,8 +157,11 @@ environments:
         self.daemons.append(d)
         return d
 
+    def start_orchestrator(self) -> Daemon:
+        return self.start("orchestrator", "--key", str(self.key("orchestrator")), "orchestrator")
+
     def start_all(self, *, fetchers: bool = True) -> None:
-        started = [self.start("orchestrator", "orchestrator")]
+        started = [self.start_orchestrator()]
         for h in self.hosts:
             if fetchers:
                 started.append(self.start(f"fetcher-{h}", "fetcher", "--host", h))

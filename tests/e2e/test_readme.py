@@ -53,10 +53,14 @@ def test_the_server_section_works_as_written(request: pytest.FixtureRequest,
     text = section()
     commands = [ln.split("#", 1)[0].strip() for ln in blocks(text, "sh")[0].splitlines()]
     commands = [c for c in commands if c]
-    hosts_yaml = yaml.safe_load(blocks(text, "yaml")[0])["hosts"]
+    keys_yaml = yaml.safe_load(blocks(text, "yaml")[0])["keys"]
+    hosts_yaml = yaml.safe_load(blocks(text, "yaml")[1])["hosts"]
     assert set(hosts_yaml) == {"web1", "web2"}, hosts_yaml
+    variables: dict[str, str] = {}
 
     def here(value: str) -> str:
+        for name, v in variables.items():
+            value = value.replace(f"${name}", v)
         for real in ("/etc/deploybus", "/srv", "/var/lib"):
             value = value.replace(real, str(tmp_path / real.strip("/")))
         return value
@@ -79,8 +83,7 @@ def test_the_server_section_works_as_written(request: pytest.FixtureRequest,
     etc.mkdir(parents=True)
     config.write_text(yaml.safe_dump({
         "bus": {"url": url},
-        "keys": {"signing": "keys/deployer.key", "trusted": {"deployer": "keys/deployer.pub"},
-                 "policy": [{"signer": "deployer"}]},
+        "keys": keys_yaml,  # as the README gives them
         "state": {"url": "sqlite:///state.db"},
         "hosts": hosts,
         "projects": {"app": {"git": str(bare), "scripts": {"post": "test -f VERSION"}}},
@@ -104,19 +107,30 @@ def test_the_server_section_works_as_written(request: pytest.FixtureRequest,
         for command in commands:
             if "|" in command or "ROLLOUT" in command:
                 continue  # a placeholder line: deploybus pause|resume|promote|abort ROLLOUT
+            if re.fullmatch(r"[A-Z]+=\S+", command):
+                name, value = command.split("=", 1)
+                variables[name] = value  # made local by here() where used
+                continue
             for one in command.split(";"):
                 words = [here(w) for w in shlex.split(one.replace("[--to RELEASE]", ""))]
                 assert words[0] == "deploybus", one
                 args = words[1:]
-                seen.append(args[0])
-                if args[0] == "orchestrator":
+                sub = args[2] if args[0] == "--key" else args[0]
+                seen.append(sub)
+                if args[:2] == ["keys", "generate"] and "host" in args:
+                    for h in sorted(hosts):  # "each host, named after it"
+                        r = run(["keys", "generate", h, *args[3:]])
+                        assert r.returncode == 0, r.stderr
+                        assert f"{h}: {{key: " in r.stdout and "role: host}" in r.stdout
+                    continue
+                if sub == "orchestrator":
                     start("orchestrator", args)
-                elif args[0] in ("agent", "fetcher", "keepalive"):
+                elif sub in ("agent", "fetcher", "keepalive"):
                     for h in sorted(hosts):  # as "Which host a daemon is" says
-                        start(f"{args[0]}-{h}", [*args, "--host", h])
-                elif args[0] == "web":
+                        start(f"{sub}-{h}", [*args, "--host", h])
+                elif sub == "web":
                     start("web", [a if a != "8080" else str(free_port()) for a in args])
-                elif args[0] == "hook":
+                elif sub == "hook":
                     # the section pushes nothing; the hook must be in place
                     r = run(args)
                     assert r.returncode == 0, r.stderr
@@ -125,9 +139,9 @@ def test_the_server_section_works_as_written(request: pytest.FixtureRequest,
                     r = run(args)
                     assert r.returncode == 0, f"{one}\n{r.stdout}{r.stderr}\n" + "\n".join(
                         "".join(d.lines[-15:]) for d in daemons)
-                    if args[0] == "deploy" and "-v" in args:
+                    if sub == "deploy" and "-v" in args:
                         assert "[web1] switch:" in r.stdout, r.stdout
-                    if args[0] == "hosts":
+                    if sub == "hosts":
                         rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines()[1:]}
                         assert rows == {"web1": "up", "web2": "up"}, r.stdout
         assert {"keys", "config", "hook", "orchestrator", "agent", "fetcher", "keepalive",

@@ -78,13 +78,16 @@ def test_pushed_tag_reaches_mirrors_and_lands_on_every_host(cluster: Cluster) ->
         assert info["commit"] == commit and info["state"] == "ok"
 
 
-def test_missing_tag_fails_and_leaves_current(cluster: Cluster) -> None:
+def test_missing_tag_is_refused_and_leaves_current(cluster: Cluster) -> None:
+    """The orchestrator resolves the ref on the git server before it asks any
+    host: a tag that is not there refuses the rollout (exit 77)."""
     before = targets(cluster)
     r = cluster.deploy("app", "v9.9")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "not found" in r.stdout
-    assert "rollout" in r.stdout and "failed" in r.stdout
+    assert r.returncode == 77, r.stdout + r.stderr
+    rid = r.stdout.split()[1].rstrip(":")
+    assert f"rollout {rid} refused: no tag or branch v9.9 in {cluster.bare}" in r.stdout
     assert targets(cluster) == before
+    assert all(e["rollout"] != rid for h in HOSTS for e in cluster.audit(h)), "no host asked"
 
 
 def test_failing_post_script_stops_rollout_and_keeps_old_release(cluster: Cluster) -> None:
@@ -118,7 +121,8 @@ def test_failing_post_script_stops_rollout_and_keeps_old_release(cluster: Cluste
     hist = subprocess.run([sys.executable, "-m", "deploybus.cli", "-c", str(cluster.config),
                            "history", "--json"], capture_output=True, text=True, env=cluster.env)
     last = json.loads(hist.stdout)[0]
-    assert last["state"] == "failed" and last["ref"] == "v2.0"
+    assert last["state"] == "failed" and last["ref"] == "refs/tags/v2.0"
+    assert last["commit"] == git("rev-parse", "v2.0^{commit}", cwd=cluster.work).strip()
     assert [s["state"] for s in last["hosts"]] == ["failed", "skipped", "skipped"]
 
 
@@ -130,33 +134,51 @@ def _request(key: SigningKey | None, ref: str = "v1.0") -> envelope.Envelope:
     return key.sign(env) if key else env
 
 
-def test_unsigned_and_unknown_key_requests_are_refused(cluster: Cluster) -> None:
+def test_requests_not_from_the_orchestrator_are_dead_lettered_not_answered(
+        cluster: Cluster) -> None:
+    """Unsigned, unknown-key, tampered and person-signed requests (a person may
+    ask the orchestrator for a rollout, never an agent directly): each is
+    dead-lettered with its reason, counted, not answered, not audited, and
+    nothing moves."""
     before = targets(cluster)
-    results: queue.Queue[dict] = queue.Queue()
     unsigned, stranger = _request(None), _request(SigningKey.generate("stranger"))
-    tampered_src = SigningKey.load(cluster.keys / "deployer.key").sign(_request(None))
+    tampered_src = SigningKey.load(cluster.key("orchestrator")).sign(_request(None))
     tampered = envelope.Envelope(**{**tampered_src.__dict__,
                                     "body": {**tampered_src.body, "ref": "v2.0"}})
-    wanted = {unsigned.correlation, stranger.correlation, tampered.correlation}
+    person = _request(SigningKey.load(cluster.key("deployer")))
+    sent = {env.correlation: env for env in (unsigned, stranger, tampered, person)}
+    letters: queue.Queue[dict] = queue.Queue()
+    results: queue.Queue[dict] = queue.Queue()
+
+    def on_letter(d: Delivery) -> None:
+        letters.put(json.loads(d.body))
+        d.ack()
 
     def on_event(d: Delivery) -> None:
         env = envelope.decode(d.body)
-        if env.type == "deploy.result" and env.correlation in wanted:
+        if env.type == "deploy.result" and env.correlation in sent:
             results.put(env.body)
         d.ack()
 
     with connect(cluster.bus_url) as bus:
         bus.subscribe(topics.EVENTS, on_event)
-        for env in (unsigned, stranger, tampered):
+        bus.subscribe(DEADLETTER_TOPIC, on_letter, queue=DEADLETTER_QUEUE)
+        for env in sent.values():
             bus.publish(topics.requests_for("h1"), env.encode())
-        got = {b["rollout"]: b for b in (results.get(timeout=30) for _ in range(3))}
-    assert got[unsigned.correlation]["status"] == "refused"
-    assert "not signed" in got[unsigned.correlation]["reason"]
-    assert got[stranger.correlation]["status"] == "refused"
-    assert "unknown key" in got[stranger.correlation]["reason"]
-    assert "bad signature" in got[tampered.correlation]["reason"]
-    refused = [e for e in cluster.audit("h1") if e["decision"] == "refused"]
-    assert {e["rollout"] for e in refused} >= wanted
+        reasons = {}
+        while len(reasons) < len(sent):
+            letter = letters.get(timeout=30)
+            body = json.loads(letter["body"])
+            if body.get("correlation") in sent and letter["daemon"] == "deploy_agent":
+                reasons[body["correlation"]] = letter["reason"]
+    assert reasons[unsigned.correlation] == "untrusted message: message is not signed"
+    assert "signed by unknown key" in reasons[stranger.correlation]
+    assert "bad signature" in reasons[tampered.correlation]
+    assert reasons[person.correlation] == \
+        "untrusted message: deployer (person) may not send deploy.request"
+    assert results.empty(), "an untrusted request was answered"
+    assert not [e for e in cluster.audit("h1") if e["rollout"] in sent], \
+        "an untrusted request was audited under the name it gave"
     assert targets(cluster) == before
 
 

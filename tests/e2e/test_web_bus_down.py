@@ -48,7 +48,7 @@ def test_a_deploy_with_the_broker_down_answers_503_fast(tmp_path: Path, scheme: 
     cfg = tmp_path / "deploybus.yaml"
     cfg.write_text(f"""
 bus: {{url: "{scheme}://guest:s3cret@127.0.0.1:{dead}/"}}
-keys: {{signing: web.key, trusted: {{web: web.pub}}, policy: [{{signer: web}}]}}
+keys: {{signing: web.key, trusted: {{web: {{key: web.pub, role: web}}}}, policy: [{{signer: web}}]}}
 state: {{url: "sqlite:///{tmp_path / 'state.db'}"}}
 projects: {{app: {{git: /nonexistent.git}}}}
 environments: {{prod: {{hosts: [h1]}}}}

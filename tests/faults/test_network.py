@@ -36,7 +36,7 @@ def proxied(request: pytest.FixtureRequest, tmp_path: Path):
     c.push("main", "v1.0", "v2.0", "v3.0")
     agent_cfg = c.base / "agent.yaml"
     agent_cfg.write_text(c.config.read_text().replace(url, via))
-    orchestrator = c.start("orchestrator", "orchestrator")
+    orchestrator = c.start_orchestrator()
     agent = c.start("agent", "-c", str(agent_cfg), "agent", "--host", "h1")
     # Both ready before the first rollout, so that the test's faults hit a
     # running deploy path.

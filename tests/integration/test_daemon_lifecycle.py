@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deploybus import envelope, topics
+from deploybus import envelope, gitutil, topics
 from deploybus.bus import Delivery, connect
 from deploybus.runner import EXIT_COLD, EXIT_CONFIG
 from deploybus.signing import SigningKey
@@ -44,11 +44,13 @@ def use_pre_script(c: Cluster, script: str) -> None:
 
 
 def send_request(c: Cluster) -> tuple[str, queue.Queue[envelope.Envelope], object]:
-    key = SigningKey.load(c.keys / "deployer.key")
+    key = SigningKey.load(c.key("orchestrator"))  # as the orchestrator asks an agent
     rid = uuid.uuid4().hex[:16]
+    refname, commit = gitutil.resolve_remote(str(c.bare), "v1.0")
     env = key.sign(envelope.new("deploy.request", {
-        "rollout": rid, "project": "app", "environment": "prod", "ref": "v1.0", "host": "h1",
-        "user": "tester"}, sender="test", correlation=rid, ttl=300))
+        "rollout": rid, "project": "app", "environment": "prod", "ref": refname,
+        "commit": commit, "host": "h1", "user": "tester"}, sender="test", correlation=rid,
+        ttl=300))
     events: queue.Queue[envelope.Envelope] = queue.Queue()
 
     def on_event(d: Delivery) -> None:

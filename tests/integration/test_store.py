@@ -107,3 +107,47 @@ def test_presence(store: Store) -> None:
     store.record_presence("web1", {"host": "web1", "interval": 5})
     (h,) = store.hosts()
     assert h["name"] == "web1" and h["info"]["interval"] == 5 and h["age"] < 5
+
+
+# -- no credential is stored; no SQLAlchemy error escapes -------------------------------
+
+TOKEN = "ghp_StoreS3cretToken0123456789"
+
+
+def test_free_text_is_stored_without_url_credentials(store: Store) -> None:
+    git = f"https://ci:{TOKEN}@github.com/acme/app.git"
+    reason = f"fatal: unable to access '{git}/': The requested URL returned error: 403"
+    assert store.create_rollout(id="r1", project="app", environment="prod", ref="v1",
+                                user="alice", hosts=["a", "b"], reason=reason,
+                                override=f"hotfix from https://{TOKEN}@github.com/x.git")
+    store.set_rollout("r1", state="failed", reason=reason)
+    store.set_step("r1", "a", state="failed", message=reason)
+    store.set_steps("r1", ["b"], state="skipped", message=f"amqp://guest:{TOKEN}@mq/ down")
+    store.add_logs("r1", "a", [("fetch", f"git fetch -- {git}"), ("fetch", "plain line")])
+    store.audit(actor="alice", action="deploy", project="app", environment="prod",
+                rollout_id="r1", reason=reason, hosts=2)
+    assert store.acquire_lock(project="app", environment="prod", owner="bob",
+                              reason=f"mirror {git} broken", ttl=60) is None
+    everything = repr([store.rollout("r1"), store.rollouts(), store.steps("r1"),
+                       store.audit_trail(), store.locks()])
+    assert TOKEN not in everything
+    r = store.rollout("r1")
+    assert r is not None
+    assert r["reason"] == ("fatal: unable to access 'https://ci:***@github.com/acme/app.git/': "
+                           "The requested URL returned error: 403")
+    assert r["override"] == "hotfix from https://***@github.com/x.git"
+    assert [h["message"] for h in r["hosts"]] == [r["reason"], "amqp://guest:***@mq/ down"]
+    assert [ln["text"] for ln in r["logs"]] == [
+        "git fetch -- https://ci:***@github.com/acme/app.git", "plain line"]
+    assert store.audit_trail()[0]["detail"] == {"reason": r["reason"], "hosts": 2}
+    held = store.lock("app", "prod")
+    assert held is not None
+    assert held["reason"] == "mirror https://ci:***@github.com/acme/app.git broken"
+
+
+def test_every_public_method_translates_driver_errors() -> None:
+    import inspect
+    public = [n for n, m in vars(Store).items()
+              if not n.startswith("_") and inspect.isfunction(m)]
+    assert len(public) > 15
+    assert all(hasattr(getattr(Store, n), "__wrapped__") for n in public), public

@@ -185,7 +185,7 @@ def test_orchestrator_killed_mid_rollout_resumes_without_redeploying(make) -> No
     orch.proc.wait()
     c.daemons.remove(orch)
     time.sleep(1)
-    new = c.start("orchestrator", "orchestrator")
+    new = c.start_orchestrator()
     assert new.ready.wait(60)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out + c.logs()

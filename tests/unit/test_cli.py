@@ -60,10 +60,10 @@ def test_config_check_ok(runner, tmp_path):
     SigningKey.generate("ci").save(tmp_path)
     p = write_config(tmp_path, (
         "bus: {url: 'amqp://guest:s3cret@broker/'}\n"
-        "keys: {trusted: {ci: ci.pub}}\n"
+        "keys: {trusted: {ci: {key: ci.pub, role: ci}}}\n"
         "projects: {shop: {git: /g/shop}, blog: {git: /g/blog}}\n"
         "environments:\n"
-        "  staging: {hosts: [web1, web2]}\n"
+        "  staging: {hosts: [web1, web2], projects: [blog]}\n"
         "  prod: {hosts: [web2, web3], projects: [shop]}\n"))
     result = runner.invoke(cli, ["config", "check", str(p)])
     assert result.exit_code == 0, result.output
@@ -126,7 +126,8 @@ def site(tmp_path, *, signing: str = "ops.key"):  # noqa: ANN201
     url = f"memory://cli-{uuid.uuid4().hex}"
     p = write_config(tmp_path, (
         f"bus: {{url: '{url}'}}\n"
-        f"keys:\n  signing: {signing}\n  trusted: {{ops: ops.pub}}\n"
+        f"keys:\n  signing: {signing}\n  trusted: {{ops: {{key: ops.pub, role: person}}}}\n"
+        "  policy: [{signer: ops}]\n"
         "projects: {app: {git: /g/app}}\n"
         "environments: {prod: {hosts: [h1, h2, h3]}}\n"))
     return p, url

@@ -9,6 +9,7 @@ import pytest
 
 from deploybus import config
 from deploybus.errors import ConfigError
+from deploybus.protocol import Role
 from deploybus.signing import PolicyRule, SigningKey, key_id, public_line
 
 
@@ -41,13 +42,13 @@ def test_full_config(tmp_path, keys):
         keys:
           signing: keys/ci.key
           trusted:
-            ci: keys/ci.pub
-            ops: "{ops_line}"
+            ci: {{key: keys/ci.pub, role: ci}}
+            ops: {{key: "{ops_line}", role: person}}
           policy:
             - signer: ci
               projects: [shop, "api-*"]
               environments: [staging]
-            - signer: ops
+            - role: person
         state:
           url: sqlite:///state/deploybus.db
         defaults:
@@ -87,10 +88,11 @@ def test_full_config(tmp_path, keys):
     assert cfg.prefetch == 4
     assert cfg.signing_key == tmp_path / "keys" / "ci.key"
     assert cfg.load_signing_key().id == keys["ci"].id
-    assert {n: key_id(k) for n, k in cfg.trusted.items()} == {
-        "ci": keys["ci"].id, "ops": keys["ops"].id}
-    assert cfg.policy == [PolicyRule("ci", ["shop", "api-*"], ["staging"]),
-                          PolicyRule("ops", ["*"], ["*"])]
+    assert {n: (key_id(k.public), k.role) for n, k in cfg.trusted.items()} == {
+        "ci": (keys["ci"].id, "ci"), "ops": (keys["ops"].id, "person")}
+    assert cfg.policy == [PolicyRule(signer="ci", projects=["shop", "api-*"],
+                                     environments=["staging"]),
+                          PolicyRule(role=Role.PERSON, projects=["*"], environments=["*"])]
     assert cfg.state_url == f"sqlite:///{tmp_path / 'state' / 'deploybus.db'}"
     assert cfg.default_root == tmp_path / "srv"
     assert cfg.default_state_dir == Path("/var/lib/db")
@@ -125,13 +127,13 @@ def test_full_config(tmp_path, keys):
 def test_verifier_from_config_uses_trusted_keys_and_policy(tmp_path, keys):
     p = write(tmp_path, """
         keys:
-          trusted: {ci: keys/ci.pub}
+          trusted: {ci: {key: keys/ci.pub, role: ci}}
           policy: [{signer: ci, projects: [shop], environments: [prod]}]
         """)
     from deploybus.envelope import new
     v = config.load(p).verifier()
-    env = keys["ci"].sign(new("deploy.request", {}, sender="s", ttl=60))
-    assert v.verify(env, project="shop", environment="prod") == "ci"
+    env = keys["ci"].sign(new("deploy.rollout", {}, sender="s", ttl=60))
+    assert v.verify(env, project="shop", environment="prod").name == "ci"
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -261,10 +263,16 @@ def test_duplicate_top_level_key(tmp_path):
      "environments.prod.windows", "unknown day"),
     ("environments:\n  prod: {}\n", 2, "environments.prod", "missing key 'hosts'"),
     ("keys:\n  policy: {signer: ci}\n", 2, "keys.policy", "expected a list of rules"),
-    ("keys:\n  trusted:\n    ci: 'ed25519 AAAA ci'\n", 3, "keys.trusted.ci",
-     "not an ed25519 public key"),
-    ("keys:\n  trusted:\n    ci: missing.pub\n", 3, "keys.trusted.ci",
+    ("keys:\n  trusted:\n    ci: {key: 'ed25519 AAAA ci', role: ci}\n", 3,
+     "keys.trusted.ci.key", "not an ed25519 public key"),
+    ("keys:\n  trusted:\n    ci: {key: missing.pub, role: ci}\n", 3, "keys.trusted.ci.key",
      "cannot read public key"),
+    ("keys:\n  trusted:\n    ci: missing.pub\n", 3, "keys.trusted.ci",
+     "give the key and its role"),
+    ("keys:\n  trusted:\n    ci: {key: missing.pub, role: boss}\n", 3, "keys.trusted.ci.role",
+     "unknown role 'boss'"),
+    ("keys:\n  trusted:\n    ci: {key: missing.pub}\n", 3, "keys.trusted.ci",
+     "missing key 'role'"),
 ])
 def test_wrong_types_and_values(tmp_path, text, line, key, message):
     p = write(tmp_path, text)
@@ -303,7 +311,7 @@ def test_policy_signer_not_trusted(tmp_path, keys):
     exc = error(tmp_path, """
         keys:
           trusted:
-            ci: keys/ci.pub
+            ci: {key: keys/ci.pub, role: ci}
           policy:
             - signer: ci
             - projects: [shop]
@@ -316,11 +324,37 @@ def test_policy_signer_not_trusted(tmp_path, keys):
 def test_policy_rule_without_signer(tmp_path, keys):
     exc = error(tmp_path, """
         keys:
-          trusted: {ci: keys/ci.pub}
+          trusted: {ci: {key: keys/ci.pub, role: ci}}
           policy:
             - projects: [shop]
         """)
-    check(exc, tmp_path / "deploybus.yaml", 4, "keys.policy.0.signer", "non-empty string")
+    check(exc, tmp_path / "deploybus.yaml", 4, "keys.policy.0",
+          "give exactly one of 'signer' (a key's name) or 'role'")
+
+
+def test_policy_rules_are_for_keys_that_ask_for_rollouts(tmp_path, keys):
+    """An orchestrator or host key is bound by its role, not by the policy:
+    a rule naming one is a mistake, said at once."""
+    exc = error(tmp_path, """
+        keys:
+          trusted:
+            ci: {key: keys/ci.pub, role: host}
+          policy:
+            - signer: ci
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 5, "keys.policy.0.signer",
+          "'ci' is a host key; the policy is for keys that ask for rollouts")
+
+
+def test_one_key_has_one_role(tmp_path, keys):
+    exc = error(tmp_path, """
+        keys:
+          trusted:
+            ci: {key: keys/ci.pub, role: ci}
+            also: {key: keys/ci.pub, role: orchestrator}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "keys.trusted.also",
+          "the same key as 'ci': one key, one role")
 
 
 @pytest.mark.parametrize("text, line, context", [
@@ -373,3 +407,117 @@ def test_no_signing_key_configured(tmp_path):
     with pytest.raises(ConfigError, match="no signing key configured") as info:
         cfg.load_signing_key()
     assert info.value.key == "keys.signing"
+
+
+# -- web: the host names the front end answers to ----------------------------------------
+
+def test_web_allowed_hosts_default_to_the_loopback_names(tmp_path):
+    assert config.load(write(tmp_path, "bus: {url: memory://}\n")).web_allowed_hosts == \
+        ["127.0.0.1", "localhost"]
+
+
+def test_web_allowed_hosts_replace_the_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        web:
+          allowed_hosts:
+            - deploy.example.com
+            - Deploy.Internal
+            - 10.0.0.5
+            - xn--bcher-kva.example
+        """))
+    assert cfg.web_allowed_hosts == ["deploy.example.com", "deploy.internal", "10.0.0.5",
+                                     "xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("'*.example.com'", "is not a host name"),
+    ("deploy.example.com:8080", "is not a host name (letters, digits, '-' and '.', no port"),
+    ("'https://deploy.example.com'", "no scheme"),
+    ("bücher.example", "is not a host name"),
+    ("-deploy.example", "is not a host name"),
+    ("a..b", "is not a host name"),
+    ("1.2.3", "is not a host name"),
+    ("300.1.1.1", "is not a host name"),
+    ("'::1'", "IPv6 addresses cannot be matched against the Host header"),
+    ("'[::1]'", "IPv6 addresses cannot be matched"),
+    ("0.0.0.0", "is the wildcard bind address, not a name a browser asks for"),
+    ("5", "expected a non-empty string, got 5"),
+    ("''", "expected a non-empty string"),
+])
+def test_web_allowed_hosts_entries_are_checked(tmp_path, entry, says):
+    exc = error(tmp_path, f"""
+        bus: {{url: memory://}}
+        web:
+          allowed_hosts:
+            - localhost
+            - {entry}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 5, "web.allowed_hosts.1", says)
+
+
+@pytest.mark.parametrize("text, line, key, says", [
+    ("web:\n  allowed_hosts: []\n", 2, "web.allowed_hosts", "expected at least one host name"),
+    ("web:\n  allowed_hosts: localhost\n", 2, "web.allowed_hosts", "expected a list, got str"),
+    ("web:\n  allowed_host: [localhost]\n", 2, "web.allowed_host", "did you mean 'allowed_hosts'?"),
+    ("web: [localhost]\n", 1, "web", "expected a mapping, got list"),
+])
+def test_web_section_errors_name_file_line_and_key(tmp_path, text, line, key, says):
+    exc = error(tmp_path, text)
+    check(exc, tmp_path / "deploybus.yaml", line, key, says)
+
+
+def test_windows_timezone_must_be_a_name(tmp_path):
+    exc = error(tmp_path, """
+        environments:
+          prod:
+            hosts: [h1]
+            windows: {timezone: 5}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 4, "environments.prod.windows",
+          "timezone must be a name like Europe/Berlin, not 5")
+
+
+# -- environments sharing a host -----------------------------------------------------------
+
+def test_a_project_deployed_to_a_host_by_two_environments_is_refused(tmp_path):
+    # A key allowed only staging could otherwise move production's current.
+    exc = error(tmp_path, """
+        projects:
+          shop: {git: /a}
+          blog: {git: /b}
+        environments:
+          staging:
+            hosts: [web1, web2]
+          production:
+            hosts:
+              - web3
+              - web2
+            projects: [shop]
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 10, "environments.production.hosts.1",
+          "host 'web2' gets project 'shop' from both 'staging' and 'production'")
+
+
+def test_an_environment_without_projects_deploys_every_project(tmp_path):
+    exc = error(tmp_path, """
+        projects:
+          shop: {git: /a}
+          blog: {git: /b}
+        environments:
+          lab: {hosts: [web1], projects: [blog]}
+          all: {hosts: [web1]}
+        """)
+    check(exc, tmp_path / "deploybus.yaml", 6, "environments.all.hosts.0",
+          "host 'web1' gets project 'blog' from both 'lab' and 'all'")
+
+
+def test_environments_may_share_a_host_for_different_projects(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        projects:
+          shop: {git: /a}
+          blog: {git: /b}
+        environments:
+          staging: {hosts: [web1, web2], projects: [blog]}
+          production: {hosts: [web2, web3], projects: [shop]}
+        """))
+    assert [pc.name for pc in cfg.projects_for_host("web2")] == ["blog", "shop"]

@@ -1,4 +1,6 @@
-"""deploybus.dispatch: bad messages are dead-lettered, counted, and do not stop the daemon."""
+"""deploybus.dispatch: bad messages are dead-lettered, counted, and do not
+stop the daemon; a handler gets only well-formed messages signed by a key
+whose role may send them."""
 
 from __future__ import annotations
 
@@ -9,12 +11,21 @@ import threading
 import pytest
 
 from deploybus.bus import DEADLETTER_QUEUE, DEADLETTER_TOPIC, Delivery
-from deploybus.dispatch import Dispatcher
+from deploybus.dispatch import Dispatcher, Message
 from deploybus.envelope import Envelope, new
 from deploybus.errors import BusError
+from deploybus.protocol import Role
 from deploybus.runner import Stats
+from deploybus.signing import SigningKey, TrustedKey, Verifier
 
 TOPIC = "deploy.requests.web1"
+
+
+#: The orchestrator's key: it may sign deploy requests; host web1's: its results.
+ORCHESTRATOR = SigningKey.generate("orch")
+WEB1 = SigningKey.generate("web1")
+VERIFIER = Verifier({"orch": TrustedKey("orch", Role.ORCHESTRATOR, ORCHESTRATOR.public),
+                     "web1": TrustedKey("web1", Role.HOST, WEB1.public, host="web1")}, [])
 
 
 class Handled:
@@ -23,8 +34,9 @@ class Handled:
         self.cond = threading.Condition()
         self.fail_on = fail_on
 
-    def __call__(self, env: Envelope, d: Delivery) -> None:
-        if self.fail_on is not None and env.body.get("n") == self.fail_on:
+    def __call__(self, msg: Message, d: Delivery) -> None:
+        env = msg.env
+        if self.fail_on is not None and env.body.get("rollout") == self.fail_on:
             raise RuntimeError(f"cannot handle {self.fail_on}")
         with self.cond:
             self.envs.append(env)
@@ -42,7 +54,7 @@ def stats() -> Stats:
 
 @pytest.fixture
 def dispatcher(bus, stats):
-    d = Dispatcher(bus, daemon="agent", host="web1", stats=stats)
+    d = Dispatcher(bus, daemon="agent", host="web1", stats=stats, verifier=VERIFIER)
     yield d
     d.close()
 
@@ -56,8 +68,13 @@ def letters(bus, inbox_factory):
     return inbox
 
 
-def request(n: str) -> bytes:
-    return new("deploy.request", {"n": n}, sender="orch@h", ttl=60).encode()
+def body(n: str) -> dict:
+    return {"rollout": n, "project": "app", "environment": "prod", "host": "web1", "user": "u"}
+
+
+def request(n: str, key: SigningKey | None = ORCHESTRATOR) -> bytes:
+    env = new("deploy.request", body(n), sender="orch@h", ttl=60)
+    return (key.sign(env) if key else env).encode()
 
 
 def letter(d: Delivery) -> dict:
@@ -69,7 +86,7 @@ def test_valid_message_reaches_handler_and_is_acked(bus, dispatcher, stats, inbo
     dispatcher.subscribe(TOPIC, handled, queue="agent-web1", types={"deploy.request"})
     bus.publish(TOPIC, request("1"))
     assert handled.wait(1)
-    assert handled.envs[0].body == {"n": "1"}
+    assert handled.envs[0].body == body("1")
     # Acked: cancelling does not put it back on the queue.
     dispatcher.close()
     again = inbox_factory()
@@ -85,14 +102,18 @@ def test_bad_messages_are_deadlettered_and_the_next_one_still_arrives(
     garbage = b"\xff\xfe not json \x00"
     not_envelope = json.dumps({"hello": "world"}).encode()
     wrong_type = new("presence", {"host": "web1"}, sender="keepalive@web1").encode()
-    for body in (garbage, not_envelope, wrong_type, request("ok")):
-        bus.publish(TOPIC, body)
+    unsigned = request("unsigned", key=None)
+    wrong_role = request("from-a-host", key=WEB1)
+    bad_body = ORCHESTRATOR.sign(new("deploy.request", {"n": 1}, sender="o", ttl=60)).encode()
+    for raw in (garbage, not_envelope, wrong_type, unsigned, wrong_role, bad_body,
+                request("ok")):
+        bus.publish(TOPIC, raw)
 
     assert handled.wait(1)
-    assert [e.body["n"] for e in handled.envs] == ["ok"]
-    assert letters.wait(3)
+    assert [e.body["rollout"] for e in handled.envs] == ["ok"]
+    assert letters.wait(6)
     got = [letter(d) for d in letters.items]
-    assert [g["topic"] for g in got] == [TOPIC] * 3
+    assert [g["topic"] for g in got] == [TOPIC] * 6
     assert {g["daemon"] for g in got} == {"agent"} and {g["host"] for g in got} == {"web1"}
 
     assert got[0]["encoding"] == "base64"
@@ -105,11 +126,14 @@ def test_bad_messages_are_deadlettered_and_the_next_one_still_arrives(
     assert got[2]["body"].encode() == wrong_type
     assert got[2]["reason"] == \
         f"invalid message: type 'presence' does not belong on '{TOPIC}'"
+    assert got[3]["reason"] == "untrusted message: message is not signed"
+    assert got[4]["reason"] == "untrusted message: web1 (host) may not send deploy.request"
+    assert got[5]["reason"].startswith("invalid message: deploy.request: ")
     for g in got:
         assert g["at"].endswith("Z")
 
     s = stats.snapshot()
-    assert (s["received"], s["rejected"], s["deadlettered"]) == (4, 3, 3)
+    assert (s["received"], s["rejected"], s["deadlettered"], s["untrusted"]) == (7, 6, 6, 2)
 
 
 def test_rejected_messages_are_acked_not_redelivered(bus, dispatcher, letters, inbox_factory):
@@ -130,7 +154,7 @@ def test_handler_that_raises_is_deadlettered(bus, dispatcher, stats, letters):
     bus.publish(TOPIC, poison)
     bus.publish(TOPIC, request("fine"))
     assert handled.wait(1)
-    assert [e.body["n"] for e in handled.envs] == ["fine"]
+    assert [e.body["rollout"] for e in handled.envs] == ["fine"]
     assert letters.wait(1)
     got = letter(letters.items[0])
     assert got["reason"] == "handler failed: RuntimeError: cannot handle poison"
@@ -142,8 +166,11 @@ def test_handler_that_raises_is_deadlettered(bus, dispatcher, stats, letters):
 def test_without_types_any_known_type_is_accepted(bus, dispatcher):
     handled = Handled()
     dispatcher.subscribe("deploy.events", handled)
-    bus.publish("deploy.events", new("deploy.progress", {}, sender="s").encode())
-    bus.publish("deploy.events", new("deploy.result", {}, sender="s").encode())
+    answer = {"rollout": "r", "host": "web1", "request_id": "request-1"}
+    bus.publish("deploy.events", WEB1.sign(new("deploy.progress", answer, sender="s",
+                                                ttl=60)).encode())
+    bus.publish("deploy.events", WEB1.sign(new("deploy.result", answer | {
+        "status": "succeeded"}, sender="s", ttl=60)).encode())
     assert handled.wait(2)
     assert [e.type for e in handled.envs] == ["deploy.progress", "deploy.result"]
 
@@ -162,7 +189,7 @@ def test_auto_ack_off_leaves_settling_to_the_handler(bus, dispatcher, inbox_fact
     got = threading.Event()
     kept: list[Delivery] = []
 
-    def handler(env: Envelope, d: Delivery) -> None:
+    def handler(msg: Message, d: Delivery) -> None:
         kept.append(d)
         got.set()
 
@@ -176,7 +203,9 @@ def test_auto_ack_off_leaves_settling_to_the_handler(bus, dispatcher, inbox_fact
     assert again.wait(1) and again.items[0].redelivered
 
 
-def test_failed_deadletter_publish_hands_the_message_back(stats):
+def test_failed_deadletter_publish_drops_the_message_and_counts_it(stats):
+    # Handing it back put it at the head of its queue again, for ever
+    # (tests/security/test_deadletter.py has the whole story).
     settled: list[tuple[str, bool]] = []
 
     class Broken:
@@ -195,8 +224,9 @@ def test_failed_deadletter_publish_hands_the_message_back(stats):
     d = Delivery(topic=TOPIC, body=b"garbage", _ack=lambda: settled.append(("ack", False)),
                  _nack=lambda requeue: settled.append(("nack", requeue)))
     bus.handler(d)
-    assert settled == [("nack", True)]
+    assert settled == [("ack", False)]
     assert stats["rejected"] == 1 and stats["deadlettered"] == 0
+    assert stats["deadletter_dropped"] == 1
 
 
 def test_deeply_nested_json_is_deadlettered(bus, dispatcher, stats, letters):

@@ -104,3 +104,33 @@ def test_resolve_refuses_what_is_not_a_commit_or_not_a_ref(origin: Origin) -> No
     with pytest.raises(RefError, match="no mirror"):
         gitutil.resolve(mirror.parent / "nothing.git", "v1")
     assert gitutil.resolve(mirror, "v1"), "the resolver still answers after refusals"
+
+
+def test_has_commit_takes_only_a_full_commit_id(origin: Origin) -> None:
+    c1 = origin.commit("v1", annotated=True)
+    mirror = origin.mirror()
+    assert gitutil.has_commit(mirror, c1)
+    tag_object = git("--git-dir", str(mirror), "rev-parse", "v1", cwd=mirror)
+    assert tag_object != c1
+    assert not gitutil.has_commit(mirror, tag_object), "a tag object is not a commit"
+    assert not gitutil.has_commit(mirror, "0" * 40)
+    assert not gitutil.has_commit(mirror.parent / "nothing.git", c1), "no mirror yet"
+    for loose in ("v1", c1[:12], "main"):
+        with pytest.raises(RefError, match="not a full commit id"):
+            gitutil.has_commit(mirror, loose)
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("fatal: unable to access 'https://ci:s3cret@git.example.com/app.git/': 403",
+     "fatal: unable to access 'https://ci:***@git.example.com/app.git/': 403"),
+    ("https://ghp_T0KEN@github.com/acme/app.git", "https://***@github.com/acme/app.git"),
+    ("https://user:p@ss@host:8443/x.git?y=1", "https://user:***@host:8443/x.git?y=1"),
+    ("from http://a:b@h1/ and https://tok@h2/", "from http://a:***@h1/ and https://***@h2/"),
+    ("ssh://git@git.example.com/app.git", "ssh://git@git.example.com/app.git"),
+    ("ssh://git:pw@git.example.com/app.git", "ssh://git:***@git.example.com/app.git"),
+    ("git@github.com:acme/app.git", "git@github.com:acme/app.git"),
+    ("https://github.com/acme/app.git", "https://github.com/acme/app.git"),
+    ("mail me at a@b.c", "mail me at a@b.c"),
+])
+def test_redact_text_hides_credentials_in_urls(text: str, shown: str) -> None:
+    assert gitutil.redact_text(text) == shown

@@ -231,3 +231,37 @@ def test_locks_of_different_projects_are_independent(tmp_path):
         t.start()
         assert got.wait(5)
         t.join(5)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "..", ".", "a/b", "", ".hidden", "r1.partial",
+                                  "x" * 129, "a\x00b", None])
+def test_release_ids_that_could_leave_the_project_are_refused(layout, tmp_path, name):
+    from deploybus.errors import RefError
+    from deploybus.layout import check_release
+    make_release(layout, "r1")
+    layout.switch("r1")
+    (tmp_path / "etc").mkdir()  # what "releases/../../etc" would reach
+    with pytest.raises(RefError, match="invalid release"):
+        check_release(name)
+    with pytest.raises(RefError, match="invalid release"):
+        layout.switch(name)  # type: ignore[arg-type]
+    with pytest.raises(RefError, match="invalid release"):
+        layout.set_state(name, "failed")  # type: ignore[arg-type]
+    assert layout.info(name) == {}  # type: ignore[arg-type]
+    assert os.readlink(layout.current) == os.path.join("releases", "r1")
+    assert sorted(os.listdir(tmp_path)) == ["etc", "shop"]
+    assert os.listdir(tmp_path / "etc") == []
+
+
+def test_release_ids_the_agent_makes_are_accepted():
+    from deploybus.layout import check_release
+    for name in ("20261122T031000.123456-1a2b3c4d-4f2c9e01", "20261122T031000-1a2b3c4d-x",
+                 "r1", "a" * 128):
+        assert check_release(name) == name
+
+
+@pytest.mark.parametrize("project", ["..", "../x", "a/b", "", ".deploybus"])
+def test_a_layout_needs_a_project_name(tmp_path, project):
+    from deploybus.errors import RefError
+    with pytest.raises(RefError, match="invalid project"):
+        Layout(tmp_path, project)

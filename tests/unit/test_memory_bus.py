@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import pytest
 
 from deploybus.bus import connect, redact
-from deploybus.bus.base import Delivery, check_topic, topic_matches
+from deploybus.bus.base import Delivery, Worker, check_topic, get_logger, topic_matches
 from deploybus.bus.memory import MemoryTransport
 from deploybus.errors import UnsupportedURL
 
@@ -266,6 +267,36 @@ def test_handler_exception_does_not_kill_the_consumer(bus):
     bus.publish("p", b"fine")
     assert got.wait(2)
     assert bodies == [b"boom", b"fine"]  # the poison one was not redelivered
+
+
+def test_worker_survives_a_failed_handler_whose_drop_fails_too():
+    """The shared consumer thread (deploybus.bus.base.Worker): a STOMP
+    consumer whose broker had closed the connection under its handler saw the
+    drop raise too (a broken pipe), and its thread died with it."""
+    items: queue.Queue[Delivery | None] = queue.Queue()
+
+    class Fed(Worker):
+        def next_delivery(self) -> Delivery | None:
+            return items.get()
+
+    def broken(requeue: bool) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    handled = threading.Event()
+
+    def handler(d: Delivery) -> None:
+        if d.body == b"boom":
+            raise RuntimeError("boom")
+        handled.set()
+
+    worker = Fed(handler, name="fed", log=get_logger("test"), where={"queue": "q"})
+    worker.start_worker()
+    items.put(Delivery(topic="t", body=b"boom", _nack=broken))
+    items.put(Delivery(topic="t", body=b"fine"))
+    assert handled.wait(2), "the consumer thread died"
+    items.put(None)
+    worker.join_worker(2)
+    assert not worker.thread.is_alive()
 
 
 def test_cancel_returns_unacked_messages(bus, bus_name, inbox_factory):

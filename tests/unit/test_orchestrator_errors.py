@@ -17,7 +17,7 @@ from deploybus.store import Store
 def test_unexpected_error_is_reported_not_swallowed(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     orchestrator_config) -> None:  # noqa: ANN001
-    cfg, key = orchestrator_config
+    cfg, key, person = orchestrator_config.cfg, orchestrator_config.key, orchestrator_config.person
     bus = connect(cfg.bus_url)
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key),
                                 Store(f"sqlite:///{tmp_path / 's.db'}"))
@@ -38,7 +38,7 @@ def test_unexpected_error_is_reported_not_swallowed(tmp_path: Path,
     env = envelope.new("deploy.rollout", {"rollout": "r1", "project": "app",
                                           "environment": "prod", "ref": "v1", "user": "u"},
                        sender="t", correlation="r1", ttl=60)
-    bus.publish(topics.ROLLOUTS, key.sign(env).encode())
+    bus.publish(topics.ROLLOUTS, person.sign(env).encode())
     status = statuses.get(timeout=10)
     assert status["state"] == "failed"
     assert "orchestrator error: RuntimeError: a bug" in status["reason"]

@@ -10,41 +10,52 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from deploybus import envelope, topics
+from deploybus import envelope, protocol, topics
 from deploybus.bus import Transport, connect
 from deploybus.config import parse
 from deploybus.daemons.orchestrator import rollout, service
+from deploybus.daemons.orchestrator.mailbox import Key
+from deploybus.dispatch import Message
 from deploybus.runner import Context
 from deploybus.signing import SigningKey
 from deploybus.states import FINAL_STATES
 from deploybus.store import Store
 
 
+def message(orch: service.Orchestrator, key: SigningKey, type: str, body: dict) -> Message:
+    """A signed message as the dispatcher hands it to a handler."""
+    env = key.sign(envelope.new(type, body, sender="a", ttl=60))
+    typed = protocol.parse(type, body)
+    return Message(env, typed, orch.verifier.identify(env, typed))
+
+
 def test_entries_on_progress_and_on_result_are_both_logged(tmp_path: Path,
                                                            orchestrator_config) -> None:  # noqa: ANN001
-    cfg, key = orchestrator_config
+    cfg, key, _person, host = orchestrator_config
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     store.create_rollout(id="r1", project="app", environment="prod", ref="v1", user="u",
                          hosts=["h1"], strategy={})
     orch = service.Orchestrator(Context(config=cfg, bus=connect(cfg.bus_url), host="o",
                                         signing_key=key), store)
-    orch.expect("r1", "h1")
+    orch.mailbox.expect(Key("r1", "h1"))
+    orch.mailbox.sent(Key("r1", "h1"), "request-01")
 
     def entry(step: str, message: str) -> dict:
         return {"step": step, "message": message, "lines": [], "at": "2026-11-29T00:00:00Z"}
 
-    orch.on_event(envelope.new("deploy.progress", {
-        "rollout": "r1", "host": "h1", "entries": [entry("fetch", "resolving v1")]},
-        sender="a"), None)  # type: ignore[arg-type]
-    orch.on_event(envelope.new("deploy.result", {
-        "rollout": "r1", "host": "h1", "status": "succeeded", "release": "rel1",
-        "entries": [entry("checkout", "201 entries checked out"),
-                    entry("switch", "current -> releases/rel1")]},
-        sender="a"), None)  # type: ignore[arg-type]
+    orch.on_event(message(orch, host, "deploy.progress", {
+        "rollout": "r1", "host": "h1", "request_id": "request-01",
+        "entries": [entry("fetch", "resolving v1")]}), None)  # type: ignore[arg-type]
+    orch.on_event(message(orch, host, "deploy.result", {
+        "rollout": "r1", "host": "h1", "request_id": "request-01", "status": "succeeded",
+        "release": "rel1", "entries": [entry("checkout", "201 entries checked out"),
+                                       entry("switch", "current -> releases/rel1")]}),
+        None)  # type: ignore[arg-type]
     logs = [(ln["step"], ln["text"]) for ln in store.rollout("r1")["logs"]]
     assert logs == [("fetch", "resolving v1"), ("checkout", "201 entries checked out"),
                     ("switch", "current -> releases/rel1")]
-    assert orch.take_result("r1", "h1")["status"] == "succeeded"
+    result = orch.mailbox.take(Key("r1", "h1"))
+    assert result is not None and result.status == "succeeded"
 
 
 class FakeAgent:
@@ -56,18 +67,21 @@ class FakeAgent:
         self.orch: service.Orchestrator | None = None
         self.asked_at = 0.0
         self.rollout = ""
+        self.last_request = ""
         bus.subscribe(topics.requests_for("h1"), self.on_request, queue="h1-requests")
 
     def on_request(self, d) -> None:  # noqa: ANN001
         env = envelope.decode(d.body)
         d.ack()
         self.requests.append(env.id)
+        self.last_request = env.id
         answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
         self.rollout = env.body["rollout"]
         result = answer(self)
         if result is None:
             return  # a silent agent
-        body = {"rollout": env.body["rollout"], "host": "h1", "request_id": env.id, **result}
+        body = {"rollout": env.body["rollout"], "host": "h1", "request_id": env.id,
+                "project": "app", **result}
         self.bus.publish(topics.EVENTS, self.key.sign(envelope.new(
             "deploy.result", body, sender="agent@h1", correlation=env.body["rollout"],
             ttl=60)).encode())
@@ -90,9 +104,9 @@ def lapsed_and_repeated_during_the_reask(agent: FakeAgent) -> dict:
     def reask(messages: list) -> None:
         agent.bus.publish_batch = publish_batch
         assert agent.orch is not None
-        agent.orch.on_event(envelope.new("deploy.result", {
-            "rollout": "r1", "host": "h1", "request_id": first, **answer},
-            sender="agent@h1"), None)  # type: ignore[arg-type]
+        agent.orch.on_event(message(agent.orch, agent.key, "deploy.result", {
+            "rollout": "r1", "host": "h1", "request_id": first, **answer}),
+            None)  # type: ignore[arg-type]
         publish_batch(messages)
 
     agent.bus.publish_batch = reask
@@ -114,8 +128,10 @@ def silent(_agent: FakeAgent) -> None:
 def ack_then_slow(agent: FakeAgent) -> dict:
     """Acknowledges at once, as the agent does, then takes 2.5 s to deploy."""
     agent.bus.publish(topics.EVENTS, agent.key.sign(envelope.new(
-        "deploy.progress", {"rollout": agent.rollout, "host": "h1", "entries": [
-            {"step": "accepted", "message": "accepted", "lines": [], "at": "x"}]},
+        "deploy.progress", {"rollout": agent.rollout, "host": "h1",
+                            "request_id": agent.last_request, "entries": [
+                                {"step": "accepted", "message": "accepted", "lines": [],
+                                 "at": "x"}]},
         sender="agent@h1", correlation=agent.rollout, ttl=60)).encode())
     time.sleep(2.5)
     return succeeded(agent)
@@ -128,13 +144,13 @@ def failed(_agent: FakeAgent) -> dict:
 def run_rollout(tmp_path: Path, setup: tuple, answers: list,
                 before: Callable[[Store, Transport], None] | None = None,
                 strategy: dict | None = None) -> tuple[dict, FakeAgent, Store]:
-    cfg, key = setup
+    cfg, key, person, host = setup
     bus = connect(cfg.bus_url)
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     if before is not None:
         before(store, bus)
     orch = service.Orchestrator(Context(config=cfg, bus=bus, host="o", signing_key=key), store)
-    agent = FakeAgent(bus, key, answers)
+    agent = FakeAgent(bus, host, answers)
     agent.orch = orch
     finals: queue.Queue[dict] = queue.Queue()
 
@@ -151,7 +167,7 @@ def run_rollout(tmp_path: Path, setup: tuple, answers: list,
                                               "environment": "prod", "ref": "v1", "user": "u",
                                               "strategy": strategy or {}},
                            sender="t", correlation="r1", ttl=60)
-        bus.publish(topics.ROLLOUTS, key.sign(env).encode())
+        bus.publish(topics.ROLLOUTS, person.sign(env).encode())
         return finals.get(timeout=20), agent, store
     finally:
         orch.stop(5)
@@ -173,9 +189,9 @@ def test_a_host_coming_back_after_us_is_not_held_to_the_deadline_meanwhile(
     """Request timeout 2 s: the answer comes 4 s after the request, 1.5 s of
     them in the outage. The wait after the outage, up to as long as the
     outage lasted, is the host's link coming back, not the host."""
-    cfg, key = orchestrator_config
+    cfg = orchestrator_config.cfg
     cfg.environments["prod"].request_timeout = 2.0
-    final, agent, _store = run_rollout(tmp_path, (cfg, key), [back_after_us])
+    final, agent, _store = run_rollout(tmp_path, orchestrator_config, [back_after_us])
     assert final["state"] == "succeeded", final
     assert len(agent.requests) == 1
 
@@ -268,8 +284,8 @@ def test_batch_retried_through_an_outage_is_signed_anew(tmp_path: Path) -> None:
 
     bus.publish_batch = flaky  # type: ignore[method-assign]
     started = envelope.now()
-    ids = orch.send_many([(topics.requests_for("h1"), "deploy.request", {"rollout": "r"},
-                           "r", 2.0)])
+    ids = orch.send_requests([protocol.DeployRequest(
+        rollout="r", project="app", environment="prod", host="h1", user="u")], ttl=2.0)
     assert len(tries) == 3
     first, last = (envelope.decode(t[0][1]) for t in (tries[0], tries[-1]))
     assert ids == [last.id] and first.id != last.id
@@ -283,10 +299,9 @@ def test_an_agent_that_never_acknowledges_fails_its_host_after_ack_timeout(
         tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
     """request_timeout 30 s bounds a deploy; a request nobody acknowledges
     fails the host after ack_timeout (2 s), and expires unread then."""
-    cfg, key = orchestrator_config
-    cfg.environments["prod"].ack_timeout = 2.0
+    orchestrator_config.cfg.environments["prod"].ack_timeout = 2.0
     started = time.monotonic()
-    final, agent, store = run_rollout(tmp_path, (cfg, key), [silent])
+    final, agent, store = run_rollout(tmp_path, orchestrator_config, [silent])
     took = time.monotonic() - started
     assert final["state"] == "failed", final
     assert "agent not answering: no acknowledgement from h1 within 2s" in final["reason"], final
@@ -298,9 +313,8 @@ def test_an_agent_that_never_acknowledges_fails_its_host_after_ack_timeout(
 
 def test_an_acknowledged_deploy_may_take_longer_than_ack_timeout(
         tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
-    cfg, key = orchestrator_config
-    cfg.environments["prod"].ack_timeout = 1.0
-    final, agent, _store = run_rollout(tmp_path, (cfg, key), [ack_then_slow])
+    orchestrator_config.cfg.environments["prod"].ack_timeout = 1.0
+    final, agent, _store = run_rollout(tmp_path, orchestrator_config, [ack_then_slow])
     assert final["state"] == "succeeded", final
     assert len(agent.requests) == 1
 
@@ -309,15 +323,14 @@ def test_requests_expire_when_the_acknowledgement_is_due(
         tmp_path: Path, orchestrator_config) -> None:  # noqa: ANN001
     """A request's time to live is ack_timeout: an agent that comes back after
     its host was given up on finds it expired and never runs it."""
-    cfg, key = orchestrator_config
-    cfg.environments["prod"].ack_timeout = 7.0
+    orchestrator_config.cfg.environments["prod"].ack_timeout = 7.0
     seen: list[envelope.Envelope] = []
 
     def spy(_store: Store, bus: Transport) -> None:
         bus.subscribe(topics.requests_for("h1"),
                       lambda d: (seen.append(envelope.decode(d.body)), d.ack()))
 
-    final, _agent, _store = run_rollout(tmp_path, (cfg, key), [succeeded], before=spy)
+    final, _agent, _store = run_rollout(tmp_path, orchestrator_config, [succeeded], before=spy)
     assert final["state"] == "succeeded", final
     (request,) = seen
     ttl = (request.expires_time - request.at_time).total_seconds()

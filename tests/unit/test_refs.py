@@ -90,3 +90,44 @@ def test_check_name_accepts(value):
 def test_check_name_refuses(value):
     with pytest.raises(RefError, match="invalid project"):
         check_name(value, "project")
+
+
+def test_full_commit_ids():
+    from deploybus.refs import check_commit, is_full_commit_id
+    assert is_full_commit_id("0" * 40) and is_full_commit_id("a" * 64)
+    for value in ("3f2a9c1", "0" * 39, "0" * 41, "0" * 63, "A" * 40, "g" * 40, "refs/tags/v1"):
+        assert not is_full_commit_id(value), value
+    assert check_commit("ab" * 20) == "ab" * 20
+    for value in ("3f2a9c1", None, 5, "main", "0" * 40 + "\n"):
+        with pytest.raises(RefError, match="full commit id"):
+            check_commit(value)
+
+
+def test_short_ref_name():
+    from deploybus.refs import short_ref_name
+    assert short_ref_name("refs/tags/v1.0") == "v1.0"
+    assert short_ref_name("refs/heads/release/2") == "release/2"
+    assert short_ref_name("v1.0") == "v1.0"
+    assert short_ref_name("refs/notes/x") == "refs/notes/x"
+    assert short_ref_name("0" * 40) == "0" * 40
+
+
+@pytest.mark.parametrize("user", ["alice", "Alice Smith", "josé@example.com", "ci/bot-1",
+                                  "x" * 128, "李"])
+def test_check_user_accepts(user):
+    from deploybus.refs import check_user
+    assert check_user(user) == user
+
+
+@pytest.mark.parametrize("user, message", [
+    ("a\x00b", "control characters"), ("a\nb", "control characters"),
+    ("a\rb", "control characters"), ("\x1b[31mred", "control characters"),
+    ("a\x7f", "control characters"), ("a\x85b", "control characters"),
+    ("a\u2028b", "control characters"), ("a\ud800b", "control characters"),
+    ("", "1-128 characters"), ("x" * 129, "1-128 characters"),
+    (None, "must be a string"), (5, "must be a string"),
+])
+def test_check_user_refuses(user, message):
+    from deploybus.refs import check_user
+    with pytest.raises(RefError, match=message):
+        check_user(user)

@@ -22,11 +22,13 @@ from deploybus.errors import (
     ReplayError,
     SignatureError,
 )
+from deploybus.protocol import Role
 from deploybus.signing import (
     MAX_TTL,
     PolicyRule,
     ReplayCache,
     SigningKey,
+    TrustedKey,
     Verifier,
     key_id,
     parse_public,
@@ -41,25 +43,27 @@ def key() -> SigningKey:
 
 @pytest.fixture
 def verifier(key: SigningKey) -> Verifier:
-    return Verifier({"ci": key.public},
-                    [PolicyRule("ci", projects=["shop*"], environments=["staging", "prod-*"])])
+    return Verifier({"ci": TrustedKey("ci", Role.CI, key.public)},
+                    [PolicyRule(signer="ci", projects=["shop*"],
+                                environments=["staging", "prod-*"])])
 
 
 def request(ttl: float | None = 60, at=None, body=None):
-    return new("deploy.request", body or {"project": "shop", "environment": "staging"},
-               sender="orch@h", correlation="r1", ttl=ttl, at=at)
+    """A rollout (a message that causes something), as CI asks for one."""
+    return new("deploy.rollout", body or {"project": "shop", "environment": "staging"},
+               sender="ci@h", correlation="r1", ttl=ttl, at=at)
 
 
 def test_sign_then_verify_returns_signer(key, verifier):
     env = key.sign(request())
     assert env.sig == {"alg": "ed25519", "key": key.id, "value": env.sig["value"]}
-    assert verifier.verify(env, project="shop", environment="staging") == "ci"
+    assert verifier.verify(env, project="shop", environment="staging").name == "ci"
 
 
 def test_signature_survives_the_wire(key, verifier):
     env = decode(key.sign(request()).encode())
-    assert verifier.signer(env) == "ci"
-    assert verifier.verify(env, project="shop-api", environment="prod-eu") == "ci"
+    assert verifier.signer(env).name == "ci"
+    assert verifier.verify(env, project="shop-api", environment="prod-eu").name == "ci"
 
 
 def test_unsigned_is_refused(verifier):
@@ -75,7 +79,7 @@ def test_tampered_body_is_refused(key, verifier):
         verifier.verify(decode(json.dumps(d).encode()), project="shop", environment="prod-eu")
 
 
-@pytest.mark.parametrize("field, value", [("sender", "evil@h"), ("type", "deploy.rollout"),
+@pytest.mark.parametrize("field, value", [("sender", "evil@h"), ("type", "deploy.control"),
                                           ("correlation", "other"), ("id", "0123456789abcdef")])
 def test_tampered_header_is_refused(key, verifier, field, value):
     d = json.loads(key.sign(request()).encode())
@@ -126,7 +130,7 @@ def test_future_dated_is_refused(key, verifier):
 
 def test_small_clock_skew_is_tolerated(key, verifier):
     env = key.sign(request(ttl=600, at=envelope.now() + timedelta(seconds=20)))
-    assert verifier.verify(env, project="shop", environment="staging") == "ci"
+    assert verifier.verify(env, project="shop", environment="staging").name == "ci"
 
 
 def test_no_expiry_is_refused(key, verifier):
@@ -142,7 +146,7 @@ def test_too_long_ttl_is_refused(key, verifier):
 
 def test_max_ttl_exactly_is_accepted(key, verifier):
     env = key.sign(request(ttl=MAX_TTL.total_seconds()))
-    assert verifier.verify(env, project="shop", environment="staging") == "ci"
+    assert verifier.verify(env, project="shop", environment="staging").name == "ci"
 
 
 def test_replayed_id_is_refused(key, verifier):
@@ -156,7 +160,7 @@ def test_refused_message_is_not_remembered_as_seen(key, verifier):
     env = key.sign(request())
     with pytest.raises(SignatureError):
         verifier.verify(env, project="other", environment="staging")
-    assert verifier.verify(env, project="shop", environment="staging") == "ci"
+    assert verifier.verify(env, project="shop", environment="staging").name == "ci"
 
 
 @pytest.mark.parametrize("project, environment", [
@@ -166,22 +170,23 @@ def test_refused_message_is_not_remembered_as_seen(key, verifier):
     ("Shop", "staging"),        # globs are case-sensitive
 ])
 def test_policy_denies(key, verifier, project, environment):
-    with pytest.raises(SignatureError, match=f"signer 'ci' may not deploy '{project}' "
-                                             f"to '{environment}'"):
+    with pytest.raises(SignatureError, match=f"signer 'ci' \\(ci\\) may not act on '{project}' "
+                                             f"in '{environment}'"):
         verifier.verify(key.sign(request()), project=project, environment=environment)
 
 
 def test_policy_is_default_deny(key):
-    v = Verifier({"ci": key.public}, [])
-    with pytest.raises(SignatureError, match="may not deploy"):
+    v = Verifier({"ci": TrustedKey("ci", Role.CI, key.public)}, [])
+    with pytest.raises(SignatureError, match="may not act on"):
         v.verify(key.sign(request()), project="shop", environment="staging")
 
 
 def test_policy_rule_is_per_signer(key):
     other = SigningKey.generate("ops")
-    v = Verifier({"ci": key.public, "ops": other.public}, [PolicyRule("ops")])
-    assert v.verify(other.sign(request()), project="x", environment="y") == "ops"
-    with pytest.raises(SignatureError, match="may not deploy"):
+    v = Verifier({"ci": TrustedKey("ci", Role.CI, key.public),
+                  "ops": TrustedKey("ops", Role.PERSON, other.public)}, [PolicyRule("ops")])
+    assert v.verify(other.sign(request()), project="x", environment="y").name == "ops"
+    with pytest.raises(SignatureError, match="may not act on"):
         v.verify(key.sign(request()), project="x", environment="y")
 
 
@@ -244,10 +249,12 @@ def test_replay_cache_survives_a_torn_last_line(tmp_path):
 def test_verifier_replay_survives_restart(key, tmp_path):
     env = key.sign(request())
     policy = [PolicyRule("ci")]
-    Verifier({"ci": key.public}, policy, replay=ReplayCache(tmp_path / "s")).verify(
+    Verifier({"ci": TrustedKey("ci", Role.CI, key.public)}, policy,
+             replay=ReplayCache(tmp_path / "s")).verify(
         env, project="p", environment="e")
     with pytest.raises(ReplayError):
-        Verifier({"ci": key.public}, policy, replay=ReplayCache(tmp_path / "s")).verify(
+        Verifier({"ci": TrustedKey("ci", Role.CI, key.public)}, policy,
+             replay=ReplayCache(tmp_path / "s")).verify(
             env, project="p", environment="e")
 
 
@@ -299,8 +306,9 @@ def test_load_errors_are_config_errors(tmp_path):
 
 def test_signed_by_loaded_key_verifies(key, tmp_path):
     priv, pub = key.save(tmp_path)
-    v = Verifier({"ci": parse_public(pub.read_text())}, [PolicyRule("ci")])
-    assert v.verify(SigningKey.load(priv).sign(request()), project="a", environment="b") == "ci"
+    v = Verifier({"ci": TrustedKey("ci", Role.CI, parse_public(pub.read_text()))},
+                 [PolicyRule("ci")])
+    assert v.verify(SigningKey.load(priv).sign(request()), project="a", environment="b").name == "ci"
 
 
 def test_parse_public_round_trip(key):
