@@ -94,3 +94,13 @@ class WindowError(DeployBusError):
 
 class HAProxyError(DeployBusError):
     """The HAProxy runtime API refused a command or could not be reached."""
+
+
+class RolloutError(DeployBusError):
+    """A rollout cannot be planned: ``field`` names what is wrong (``project``,
+    ``environment``, ``hosts``, ``strategy.<setting>``), so the CLI can name
+    the option and the web the form field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)

@@ -36,8 +36,15 @@ from markupsafe import Markup
 from werkzeug.exceptions import BadRequest, HTTPException, SecurityError
 
 from deploybus import protocol, redact, topics
-from deploybus.errors import BusError, ConfigError, DeployBusError, StoreError
+from deploybus.errors import (
+    BusError,
+    ConfigError,
+    DeployBusError,
+    RolloutError,
+    StoreError,
+)
 from deploybus.liveness import host_rows
+from deploybus.plan import plan
 from deploybus.refs import MAX_REF, NAME_RE, check_ref
 from deploybus.runner import Context
 from deploybus.states import FAILED_STEPS, FINAL_STATES, SETTLED_STEPS
@@ -46,15 +53,6 @@ from deploybus.strategy import Strategy
 
 #: Seconds a list of tags is cached per project.
 TAG_CACHE_SECONDS = 15.0
-
-#: How long a deploy.rollout may wait for the orchestrator before it expires
-#: (as the CLI's).
-ROLLOUT_TTL = 3600
-
-#: How long a deploy.control may wait for the orchestrator. The web does not
-#: wait for the answer, but a pause or an abort must not be applied minutes
-#: later by an orchestrator that was down when it was pressed.
-CONTROL_TTL = 60
 
 #: What the orchestrator accepts in a deploy.control, in button order.
 CONTROL_ACTIONS = ("pause", "resume", "promote", "abort")
@@ -277,22 +275,11 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         ``deploy.rollout``; returns its id. Raises :class:`FieldError`
         naming the field as the form shows it. The orchestrator checks it
         all again (and more: policy, windows, the lock)."""
-        project = data.get("project")
+        project, environment = data.get("project"), data.get("environment")
         if not project:
             raise FieldError("project", "choose a project")
-        if not isinstance(project, str) or project not in ctx.config.projects:
-            raise FieldError("project", f"there is no project {project!r:.80} (known: "
-                                        f"{', '.join(ctx.config.projects)})")
-        environment = data.get("environment")
         if not environment:
             raise FieldError("environment", "choose an environment")
-        if not isinstance(environment, str) or environment not in ctx.config.environments:
-            raise FieldError("environment", f"there is no environment {environment!r:.80} "
-                                            f"(known: {', '.join(ctx.config.environments)})")
-        ec = ctx.config.environments[environment]
-        if ec.projects is not None and project not in ec.projects:
-            raise FieldError("project", f"{project} is not deployed to {environment} "
-                                        f"({environment} takes {', '.join(ec.projects)})")
         ref = data.get("ref")
         if not ref:
             raise FieldError("ref", "enter a tag (like v1.2.3) or a ref")
@@ -303,23 +290,24 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         except DeployBusError as exc:
             raise FieldError("ref", str(exc).removeprefix("ref ")) from None
         chosen = data.get("hosts") or None
-        if chosen is not None:
-            if not isinstance(chosen, list) or not all(isinstance(h, str) for h in chosen):
-                raise FieldError("hosts", "must be a list of server names")
-            chosen = list(dict.fromkeys(chosen))
-            bad = [h for h in chosen if h not in ec.hosts]
-            if bad:
-                raise FieldError("hosts", f"{', '.join(bad)[:200]} "
-                                          f"{'is' if len(bad) == 1 else 'are'} not in "
-                                          f"{environment} (its servers: {', '.join(ec.hosts)})")
+        if chosen is not None and (not isinstance(chosen, list)
+                                   or not all(isinstance(h, str) for h in chosen)):
+            raise FieldError("hosts", "must be a list of server names")
         strategy = data.get("strategy")
-        if strategy is not None:
-            if not isinstance(strategy, dict):
-                raise FieldError("strategy", 'must be an object like {"canary": 1}')
-            try:
-                Strategy.parse(ec.strategy, strategy).phases(chosen or list(ec.hosts))
-            except DeployBusError as exc:
-                raise FieldError("strategy", str(exc)) from None
+        if strategy is not None and not isinstance(strategy, dict):
+            raise FieldError("strategy", 'must be an object like {"canary": 1}')
+        try:
+            # the config's checks, as the CLI and the orchestrator make them
+            plan(ctx.config, project=str(project) if isinstance(project, str) else project,
+                 environment=environment, hosts=chosen, strategy=strategy)
+        except RolloutError as exc:
+            raise FieldError(exc.field.partition(".")[0], str(exc)) from None
+        except TypeError:  # a project or environment that is not a name (a list...)
+            field = "project" if not isinstance(project, str) else "environment"
+            known = ctx.config.projects if field == "project" else ctx.config.environments
+            raise FieldError(field, f"there is no {field} {data.get(field)!r:.80} (known: "
+                                    f"{', '.join(known)})") from None
+        chosen = list(dict.fromkeys(chosen)) if chosen else None
         rollout = uuid.uuid4().hex[:16]
         try:
             body = protocol.parse("deploy.rollout", {
@@ -332,8 +320,7 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
                              str(exc)) from None
         # into the orchestrator's queue even if none has run on this broker yet
         ctx.bus.publish_for(topics.ROLLOUTS, topics.ORCHESTRATOR_ROLLOUTS, protocol.seal(
-            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout,
-            ttl=ROLLOUT_TTL))
+            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout))
         return rollout
 
     def control_refusal(rollout: str, action: object) -> tuple[int, str] | None:
@@ -357,9 +344,11 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         gets ``control: <action> by <user>: <what it did>``."""
         body = protocol.Control(rollout=rollout, action=protocol.ControlAction(action),
                                 user=user)
+        # The web does not wait for the answer, but a pause or an abort must not
+        # be applied minutes later by an orchestrator that was down when it was
+        # pressed: the type's short time to live (protocol.TTL).
         ctx.bus.publish_for(topics.CONTROL, topics.ORCHESTRATOR_CONTROL, protocol.seal(
-            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout,
-            ttl=CONTROL_TTL))
+            body, key=ctx.signing_key, sender=f"web@{ctx.host}", correlation=rollout))
 
     def current_user() -> str:
         # Login arrives with the front-end issue; until then the web acts as "web".

@@ -35,6 +35,7 @@ from deploybus.daemons.orchestrator.rollout import RolloutRun
 from deploybus.dispatch import Dispatcher, Message
 from deploybus.envelope import now
 from deploybus.errors import BusError, DeployBusError
+from deploybus.plan import plan
 from deploybus.protocol import (
     Action,
     Control,
@@ -234,22 +235,11 @@ class Orchestrator(Service):
         Raises DeployBusError with the reason to refuse it."""
         self.verifier.admit(msg.env, msg.signer, project=body.project,
                             environment=body.environment)
-        pc = self.ctx.config.projects.get(body.project)
-        if pc is None:
-            raise DeployBusError(f"unknown project {body.project!r}")
-        ec = self.ctx.config.environments.get(body.environment)
-        if ec is None:
-            raise DeployBusError(f"unknown environment {body.environment!r}")
-        if ec.projects is not None and body.project not in ec.projects:
-            raise DeployBusError(f"project {body.project!r} is not deployed to "
-                                 f"{body.environment!r}")
-        hosts = list(dict.fromkeys(body.hosts or ec.hosts))
-        unknown = [h for h in hosts if h not in ec.hosts]
-        if unknown:
-            raise DeployBusError(f"hosts not in {body.environment}: {', '.join(unknown)}")
-        overrides = protocol.to_dict(body.strategy) if body.strategy else None
-        strategy = Strategy.parse(ec.strategy, overrides)
-        strategy.phases(hosts)
+        planned = plan(self.ctx.config, project=body.project, environment=body.environment,
+                       hosts=body.hosts,
+                       strategy=protocol.to_dict(body.strategy) if body.strategy else None)
+        ec, hosts, strategy = planned.environment, planned.hosts, planned.strategy
+        pc = self.ctx.config.projects[body.project]
         outside = ec.windows.refusal(now()) if ec.windows else None
         if outside and not (body.override and body.override.strip()):
             raise DeployBusError(f"{body.environment} is closed for deploys: {outside}; "

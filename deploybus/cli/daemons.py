@@ -85,7 +85,7 @@ def web(state: State, bind: str, port: int) -> None:
               help="Where the sample project, keys, state and deploys live.")
 def up(port: int, bind: str, data: str) -> None:
     """Everything in one process on the in-process bus, with a sample project."""
-    from deploybus import allinone
+    from deploybus.cli import allinone
     _setup_logging()
     sys.exit(allinone.run(Path(data), bind=bind, port=port))
 

@@ -18,7 +18,7 @@ import click
 from deploybus import envelope, protocol, topics
 from deploybus.bus import redact
 from deploybus.cli.base import State, cli, pass_state
-from deploybus.config import Config, EnvironmentConfig
+from deploybus.config import Config
 from deploybus.errors import DeployBusError
 from deploybus.exits import (
     EXIT_ABORTED,
@@ -167,13 +167,36 @@ def submit(state: State, body: dict[str, Any], *, wait: bool, timeout: float,
     sys.exit(EXIT_FOR_STATE.get(final.get("state", ""), EXIT_FAILURE))
 
 
+#: The command line's name for each field a rollout plan can fail on.
+OPTION_OF = {"project": "PROJECT", "environment": "--env", "hosts": "--hosts"}
+
+#: Strategy settings and the options that set them, to name the culprit.
+STRATEGY_OPTIONS = {"canary": "--canary", "batch": "--batch", "window": "--window",
+                    "pause": "--pause", "max_failures": "--max-failures",
+                    "auto_rollback": "--auto-rollback", "stuck": "--stuck"}
+
+
+def planned(cfg: Config, project: str, environment: str, hosts: list[str] | None = None,
+            strategy: dict[str, Any] | None = None) -> Any:
+    """:func:`deploybus.plan.plan`, its errors as click's, naming the option:
+    refused here, before anything is sent."""
+    from deploybus.errors import RolloutError
+    from deploybus.plan import plan
+    try:
+        return plan(cfg, project=project, environment=environment, hosts=hosts,
+                    strategy=strategy)
+    except RolloutError as exc:
+        if exc.field.startswith("strategy."):
+            hint = STRATEGY_OPTIONS.get(exc.field.removeprefix("strategy."), "strategy")
+        elif exc.field in OPTION_OF:
+            hint = OPTION_OF[exc.field]
+        else:
+            raise click.UsageError(f"strategy of this rollout: {exc}") from None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
 def check_target(cfg: Config, project: str, environment: str) -> None:
-    if project not in cfg.projects:
-        raise click.BadParameter(f"unknown project {project!r} (known: "
-                                 f"{', '.join(cfg.projects) or 'none'})", param_hint="PROJECT")
-    if environment not in cfg.environments:
-        raise click.BadParameter(f"unknown environment {environment!r} (known: "
-                                 f"{', '.join(cfg.environments)})", param_hint="--env")
+    planned(cfg, project, environment)
 
 
 def host_list(hosts: str | None) -> list[str] | None:
@@ -226,44 +249,15 @@ def with_common(f: Any) -> Any:
     return f
 
 
-#: Strategy settings and the options that set them, to name the culprit.
-STRATEGY_OPTIONS = {"canary": "--canary", "batch": "--batch", "window": "--window",
-                    "pause": "--pause", "max_failures": "--max-failures",
-                    "auto_rollback": "--auto-rollback", "stuck": "--stuck"}
-
-
-def check_strategy(ec: EnvironmentConfig, overrides: dict[str, Any],
-                   hosts: list[str]) -> None:
-    """Refuse an invalid strategy before anything is sent, naming the option
-    (the orchestrator would refuse it too, but only after the rollout went out)."""
-    from deploybus.strategy import Strategy
-    for key, value in overrides.items():
-        try:
-            Strategy.parse(ec.strategy, {key: value}).phases(hosts)
-        except DeployBusError as exc:
-            raise click.BadParameter(str(exc), param_hint=STRATEGY_OPTIONS[key]) from None
-    try:
-        Strategy.parse(ec.strategy, overrides).phases(hosts)
-    except DeployBusError as exc:
-        raise click.UsageError(f"strategy of this rollout: {exc}") from None
-
-
 def rollout_body(state: State, project: str, environment: str, o: dict[str, Any]) -> dict:
     cfg = state.config
-    check_target(cfg, project, environment)
-    ec = cfg.environments[environment]
     hosts = host_list(o["hosts"])
-    if hosts is not None:
-        unknown = [h for h in hosts if h not in ec.hosts]
-        if unknown:
-            raise click.BadParameter(f"not in {environment}: {', '.join(unknown)} (its hosts: "
-                                     f"{', '.join(ec.hosts)})", param_hint="--hosts")
     strategy = {"canary": count_or_text(o["canary"]), "batch": count_or_text(o["batch"]),
                 "window": o["window"], "pause": pause_value(o["pause"]),
                 "max_failures": o["max_failures"], "auto_rollback": o["auto_rollback"],
                 "stuck": o["stuck"]}
     strategy = {k: v for k, v in strategy.items() if v is not None}
-    check_strategy(ec, strategy, list(dict.fromkeys(hosts or ec.hosts)))
+    planned(cfg, project, environment, hosts, strategy)
     return {"rollout": uuid.uuid4().hex[:16], "project": project, "environment": environment,
             "hosts": hosts, "user": o["user"] or _login(), "strategy": strategy,
             "override": o["override"]}

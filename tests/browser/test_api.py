@@ -267,7 +267,7 @@ def test_bad_strategy_is_refused_naming_the_problem(web: Web, strategy: Any, say
     ({"project": "app", "environment": "lab", "ref": "v1"}, "project",
      "Project: app is not deployed to lab (lab takes other)"),
     ({"project": "app", "environment": "prod", "ref": "v1", "hosts": ["h1", "l1"]}, "hosts",
-     "Servers: l1 is not in prod (its servers: h1, h2, h3)"),
+     "Servers: l1 is not in prod (its hosts: h1, h2, h3)"),
 ])
 def test_request_errors_name_the_field(web: Web, body: dict, field: str, says: str) -> None:
     r = web.post("/api/rollouts", body)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from playwright.sync_api import expect
 
-from deploybus import allinone
+from deploybus.cli import allinone
 from deploybus.signing import SigningKey
 from tests.browser.harness import PHONE, api_post, fits_the_width, free_port, screenshot, serve
 

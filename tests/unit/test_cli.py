@@ -148,7 +148,7 @@ def published(url: str) -> list:
     (["--batch", "many"], "--batch", "must be a count or a percentage"),
     (["--canary", "web9"], "--canary", "canary host 'web9' is not in this rollout"),
     (["--pause", "soon"], "--pause", "seconds or 'promote'"),
-    (["--hosts", "h1,h9"], "--hosts", "not in prod: h9"),
+    (["--hosts", "h1,h9"], "--hosts", "h9 is not in prod (its hosts: h1, h2, h3)"),
 ])
 def test_invalid_strategy_or_hosts_are_refused_before_the_rollout_is_sent(
         runner, tmp_path, args, option, message):  # noqa: ANN001
