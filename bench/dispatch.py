@@ -4,11 +4,14 @@
     .venv/bin/python bench/dispatch.py --hosts 50 [--rounds 5]
 
 Starts one orchestrator and N agents on the broker (the set-up of
-bench/fanout.py), deploys once (untimed) so every agent has the rollout in
-its journal, then sends every agent, at once, a signed ``deploy.request`` for
-that rollout again. Each agent verifies it and answers from its journal: the
-whole dispatch path (sign, publish, broker, verify, journal look-up, publish
-the answer) with no deploy work. Latency is publish-to-answer per host.
+bench/fanout.py, every message signed), deploys once (untimed) so every
+agent has the rollout in its journal, then sends every agent, at once, a
+``deploy.request`` for that rollout again, signed with the orchestrator's
+key (the only role agents take requests from) and naming the refname and
+commit the rollout resolved. Each agent verifies it and answers from its
+journal: the whole dispatch path (sign, publish, broker, verify, journal
+look-up, publish the answer) with no deploy work. Latency is
+publish-to-answer per host.
 
 The baseline, measured in the same run: one host's deploy done by the shell
 floor of bench/fanout.py (fetch, export, post script, switch). Targets from
@@ -32,14 +35,20 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-import fanout as fo  # noqa: E402 - the shared bench set-up
+from benchlib.baselines import Floor  # noqa: E402 - the shared bench set-up
+from benchlib.cluster import Deploybus  # noqa: E402
+from benchlib.common import DEFAULT_BROKER, ENVIRONMENT, PROJECT, BenchError  # noqa: E402
+from benchlib.config import ORCHESTRATOR, key_file  # noqa: E402
+from benchlib.source import Source, make_cached_repo  # noqa: E402
 
 from deploybus import config as configmod  # noqa: E402
-from deploybus import envelope, topics  # noqa: E402
+from deploybus import envelope, gitutil, topics  # noqa: E402
 from deploybus.bus import Delivery, connect  # noqa: E402
+from deploybus.signing import SigningKey  # noqa: E402
 
 
 def percentile(xs: list[float], p: float) -> float:
+    """The ``p``-th percentile of ``xs`` (nearest rank)."""
     xs = sorted(xs)
     k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
     return xs[k]
@@ -49,25 +58,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--broker", default=fo.DEFAULT_BROKER)
+    ap.add_argument("--broker", default=DEFAULT_BROKER)
     args = ap.parse_args()
     hosts = [f"h{i}" for i in range(1, args.hosts + 1)]
     work = Path(tempfile.mkdtemp(prefix="deploybus-dispatch-"))
     cache = Path(tempfile.gettempdir()) / "deploybus-bench-cache"
     db = None
     try:
-        source = fo.Source(fo.make_cached_repo(cache), work)
-        db = fo.Deploybus(work / "deploybus", source, hosts, args.broker)
+        source = Source(make_cached_repo(cache), work)
+        db = Deploybus(work / "deploybus", source, hosts, args.broker)
         db.work.mkdir(parents=True)
         db.setup()
         tag = source.new_tag("warm")
         db.deploy(tag, window=0)
         cfg = configmod.load(db.cfg)
-        key = cfg.load_signing_key()
+        # as the orchestrator asks an agent: its key, and the refname and
+        # commit the rollout resolved (the agent deploys exactly that commit)
+        key = SigningKey.load(key_file(db.keys, ORCHESTRATOR))
+        refname, commit = gitutil.resolve_remote(str(source.origin), tag)
         journal = next((db.work / "hosts" / hosts[0] / "state" / "journal").glob("*.json"))
         rollout = journal.stem
 
-        floor = fo.Floor(work / "floor", source, ["f1"], 1)
+        floor = Floor(work / "floor", source, ["f1"], 1)
         floor.setup()
         floor_times = []
         for i in range(max(3, args.rounds)):
@@ -101,15 +113,16 @@ def main() -> int:
                 msgs = {}
                 for h in hosts:
                     env = envelope.new("deploy.request", {
-                        "rollout": rollout, "project": fo.PROJECT, "environment": fo.ENVIRONMENT,
-                        "ref": tag, "host": h, "user": "bench"}, sender="bench",
+                        "rollout": rollout, "project": PROJECT, "environment": ENVIRONMENT,
+                        "ref": refname, "commit": commit, "host": h, "user": "bench"},
+                        sender="bench",
                         correlation=rollout, ttl=300)
                     msgs[h] = key.sign(env).encode()
                 for h in hosts:
                     sent[h] = time.perf_counter()
                     bus.publish(topics.requests_for(h), msgs[h])
                 if not all_in.wait(60):
-                    raise fo.BenchError(f"only {len(got)}/{len(hosts)} agents answered")
+                    raise BenchError(f"only {len(got)}/{len(hosts)} agents answered")
                 latencies += [got[h] - sent[h] for h in hosts]
                 time.sleep(0.5)
         finally:

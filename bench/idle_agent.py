@@ -6,7 +6,9 @@ Python interpreter doing nothing (the floor), side by side.
 
 Issue 3 asks for an idle agent under 40 MB resident with no busy polling (CPU
 over 10 idle minutes near zero). The agent is connected to the broker and
-subscribed; nothing is sent to it. Last line: one JSON object.
+subscribed; nothing is sent to it. Last line: one JSON object. The config
+is the other benches' (bench/benchlib/config.py): the agent signs with its
+host's own key and obeys only the orchestrator's.
 
 The agent runs from ``bench/.venv-agent``, made on first use with
 ``pip install .`` (the runtime dependencies only, as on a server) and
@@ -32,14 +34,20 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import fanout as fo  # noqa: E402 - the shared bench helpers
+from benchlib.common import DEFAULT_BROKER, BenchError  # noqa: E402 - the shared bench helpers
+from benchlib.config import bus_yaml, hosts_yaml, keys_yaml, make_keys, with_prefix  # noqa: E402
+from benchlib.runtime import RUNTIME_VENV, runtime_deploybus  # noqa: E402
 
+#: Clock ticks per second: the unit of /proc's CPU times.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-runtime_deploybus = fo.runtime_deploybus
-AGENT_VENV = fo.RUNTIME_VENV
+#: Where the agent measured by default is installed (bench/.venv-agent).
+AGENT_VENV = RUNTIME_VENV
+#: The one host, its agent's ``--host``.
+HOST = "h1"
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -47,6 +55,7 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_s(pid: int) -> float:
+    """CPU seconds ``pid`` used itself (utime + stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -54,7 +63,7 @@ def cpu_s(pid: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=600)
-    ap.add_argument("--broker", default=fo.DEFAULT_BROKER)
+    ap.add_argument("--broker", default=DEFAULT_BROKER)
     ap.add_argument("--exe", default=None, help="deploybus to measure "
                     "(default: bench/.venv-agent, runtime dependencies only)")
     args = ap.parse_args()
@@ -62,19 +71,18 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         exe = [args.exe] if args.exe else runtime_deploybus()
-        fo.run([*exe, "keys", "generate", "idle", "--dir", str(work / "keys")])
+        make_keys(work / "keys", [HOST])
         prefix = f"idle{uuid.uuid4().hex[:8]}."
         cfg = work / "deploybus.yaml"
         cfg.write_text(
-            f"bus:\n  url: {json.dumps(fo.with_prefix(args.broker, prefix))}\n"
-            "keys:\n  trusted:\n    idle: keys/idle.pub\n"
-            "  policy:\n    - signer: idle\n"
-            "hosts:\n  h1: {root: root, state_dir: state}\n"
-            "projects:\n  app:\n    git: /nonexistent.git\n"
-            "environments:\n  prod:\n    hosts: [h1]\n")
+            bus_yaml(with_prefix(args.broker, prefix))
+            + keys_yaml([HOST])
+            + hosts_yaml([HOST])
+            + "projects:\n  app:\n    git: /nonexistent.git\n"
+            f"environments:\n  prod:\n    hosts: [{HOST}]\n")
         log = work / "agent.log"
         with open(log, "wb") as out:
-            agent = subprocess.Popen([*exe, "-c", str(cfg), "agent", "--host", "h1"],
+            agent = subprocess.Popen([*exe, "-c", str(cfg), "agent", "--host", HOST],
                                      stdout=out, stderr=subprocess.STDOUT)
         procs.append(agent)
         python = Path(exe[0]).parent / "python"
@@ -84,7 +92,7 @@ def main() -> int:
         deadline = time.monotonic() + 60
         while '"event": "ready"' not in log.read_text(errors="replace"):
             if agent.poll() is not None or time.monotonic() > deadline:
-                raise fo.BenchError("agent did not start:\n" + log.read_text()[-2000:])
+                raise BenchError("agent did not start:\n" + log.read_text()[-2000:])
             time.sleep(0.2)
         time.sleep(2)  # settle after start-up
         start = {p.pid: cpu_s(p.pid) for p in procs}
