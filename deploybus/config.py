@@ -78,6 +78,60 @@ class OutputConfig:
     max_bytes: int = 1024 * 1024
 
 
+#: Placeholders a CI job's parameters may use.
+CI_PLACEHOLDERS = ("commit", "ref", "short_ref", "project")
+
+#: CI server kinds the bridge knows (daemons/ci_bridge/<type>.py).
+CI_TYPES = ("jenkins", "buildbot")
+
+#: What triggers an environment's auto-deploy.
+AUTO_DEPLOY_ON = ("ci_success", "push")
+
+
+@dataclass
+class CiServer:
+    """A CI server the bridge talks to (``ci.<name>``)."""
+
+    name: str
+    type: str
+    url: str
+    #: File holding ``user:token`` (Jenkins) or ``user:password``; read when used.
+    credentials: Path | None = None
+    #: Seconds one HTTP call may take.
+    timeout: float = 10.0
+    #: Seconds between polls of a queued or running build.
+    poll: float = 2.0
+
+
+@dataclass
+class ProjectCi:
+    """How a project is built (``projects.<p>.ci``): which server's job, for
+    which refs (globs over full refnames), with which parameters
+    (``{commit}``, ``{ref}``, ``{short_ref}``, ``{project}`` are filled in)."""
+
+    server: str
+    job: str
+    refs: list[str] = field(default_factory=lambda: ["refs/heads/*"])
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def builds(self, ref: str) -> bool:
+        import fnmatch
+        return any(fnmatch.fnmatchcase(ref, p) for p in self.refs)
+
+
+@dataclass
+class AutoDeploy:
+    """An environment's auto-deploy (``environments.<e>.auto_deploy``): the
+    refs it follows and what triggers it."""
+
+    refs: list[str]
+    on: str = "ci_success"
+
+    def follows(self, ref: str) -> bool:
+        import fnmatch
+        return any(fnmatch.fnmatchcase(ref, p) for p in self.refs)
+
+
 @dataclass
 class ProjectConfig:
     name: str
@@ -92,6 +146,7 @@ class ProjectConfig:
     user: str | None = None
     group: str | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
+    ci: ProjectCi | None = None
 
 
 @dataclass
@@ -106,6 +161,7 @@ class EnvironmentConfig:
     strategy: dict[str, Any] = field(default_factory=dict)   # see deploybus.strategy
     windows: Any = None                                      # deploybus.windows.Windows
     haproxy: Any = None                                      # deploybus.haproxy.HAProxy
+    auto_deploy: AutoDeploy | None = None
 
 
 #: Seconds between a daemon's heartbeats unless the config says otherwise.
@@ -145,6 +201,9 @@ class Config:
     trusted: dict[str, Any] = field(default_factory=dict)  # name -> signing.TrustedKey
     policy: list[Any] = field(default_factory=list)        # PolicyRule
     state_url: str = "sqlite:///deploybus.db"
+    #: The orchestrator's and the CI bridge's own files (git mirrors to compare
+    #: commits); beside a SQLite state database unless ``state.dir`` says.
+    state_dir: Path = Path("/var/lib/deploybus/server")
     #: Host names (or IPv4 addresses) the web answers to; any other Host header is a 400.
     web_allowed_hosts: list[str] = field(default_factory=lambda: list(WEB_ALLOWED_HOSTS))
     default_root: Path = Path("/srv/deploy")
@@ -153,6 +212,7 @@ class Config:
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     projects: dict[str, ProjectConfig] = field(default_factory=dict)
     environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
+    ci_servers: dict[str, CiServer] = field(default_factory=dict)
 
     def host(self, name: str) -> HostConfig:
         """Settings of host ``name``, defaults filled in."""
@@ -333,7 +393,7 @@ def parse(text: str, path: Path) -> Config:
     from deploybus.signing import REQUESTERS, PolicyRule, TrustedKey, key_id, parse_public
 
     c = _Checker(path, text)
-    top = c.mapping(c.data, (), ("bus", "keys", "state", "web", "defaults", "hosts",
+    top = c.mapping(c.data, (), ("bus", "keys", "state", "web", "ci", "defaults", "hosts",
                                  "projects", "environments"))
     cfg = Config(path=path)
 
@@ -423,12 +483,16 @@ def parse(text: str, path: Path) -> Config:
             projects=c.strings(r.get("projects", ["*"]), at + ("projects",)),
             environments=c.strings(r.get("environments", ["*"]), at + ("environments",))))
 
-    state = c.mapping(top.get("state"), ("state",), ("url",))
+    state = c.mapping(top.get("state"), ("state",), ("url", "dir"))
     if "url" in state:
         url = c.string(state["url"], ("state", "url"))
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             url = "sqlite:///" + str((path.parent / url[len("sqlite:///"):]).resolve())
         cfg.state_url = url
+    if "dir" in state:
+        cfg.state_dir = c.path_value(state["dir"], ("state", "dir"))
+    elif cfg.state_url.startswith("sqlite:////"):
+        cfg.state_dir = Path(cfg.state_url[len("sqlite:///"):]).parent / "server"
 
     web = c.mapping(top.get("web"), ("web",), ("allowed_hosts",))
     if "allowed_hosts" in web:
@@ -461,11 +525,14 @@ def parse(text: str, path: Path) -> Config:
             c.path_value(h["signing"], at + ("signing",)) if "signing" in h else None,
             c.lines.get(at + ("signing",)))
 
+    for name, server in c.mapping(top.get("ci"), ("ci",), None).items():
+        cfg.ci_servers[str(name)] = _ci_server(c, str(name), server)
+
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))
         c.name(name, at)
         pr = c.mapping(pr, at, ("git", "scripts", "script_timeout", "keep", "shared", "health",
-                                "user", "group", "output"))
+                                "user", "group", "output", "ci"))
         if "git" not in pr:
             raise c.fail(at, "missing key 'git' (the repository URL or path to deploy from)")
         git = c.string(pr["git"], at + ("git",))
@@ -482,13 +549,14 @@ def parse(text: str, path: Path) -> Config:
             health=_health(c, pr.get("health"), at + ("health",)),
             user=_account(c, pr.get("user"), at + ("user",)),
             group=_account(c, pr.get("group"), at + ("group",)),
-            output=_output(c, pr.get("output"), at + ("output",)))
+            output=_output(c, pr.get("output"), at + ("output",)),
+            ci=_project_ci(c, cfg, pr.get("ci"), at + ("ci",)))
 
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
         c.name(name, at)
         ev = c.mapping(ev, at, ("hosts", "projects", "request_timeout", "ack_timeout",
-                                "strategy", "windows", "haproxy"))
+                                "strategy", "windows", "haproxy", "auto_deploy"))
         if "hosts" not in ev:
             raise c.fail(at, "missing key 'hosts'")
         hosts = [c.name(h, at + ("hosts", str(i))) for i, h in
@@ -534,7 +602,8 @@ def parse(text: str, path: Path) -> Config:
             request_timeout=c.number(ev.get("request_timeout", 900),
                                      at + ("request_timeout",), minimum=1),
             ack_timeout=c.number(ev.get("ack_timeout", 30), at + ("ack_timeout",), minimum=1),
-            strategy=strategy, windows=windows, haproxy=haproxy)
+            strategy=strategy, windows=windows, haproxy=haproxy,
+            auto_deploy=_auto_deploy(c, ev.get("auto_deploy"), at + ("auto_deploy",)))
     # A host has one `current` per project: two environments deploying the
     # same project to the same host would move each other's, and a key
     # allowed only one of them could move the other's. (An environment
@@ -552,6 +621,80 @@ def parse(text: str, path: Path) -> Config:
                                  f"'projects:'), or give this environment hosts of its own "
                                  f"(with their own root)")
     return cfg
+
+
+def _ci_server(c: _Checker, name: str, value: Any) -> CiServer:
+    at = ("ci", name)
+    c.name(name, at)
+    v = c.mapping(value, at, ("type", "url", "credentials", "timeout", "poll"))
+    for k in ("type", "url"):
+        if k not in v:
+            raise c.fail(at, f"missing key {k!r}")
+    kind = c.string(v["type"], at + ("type",))
+    if kind not in CI_TYPES:
+        raise c.fail(at + ("type",), f"unknown CI server type {kind!r:.40} (known: "
+                                     f"{', '.join(CI_TYPES)})")
+    url = c.string(v["url"], at + ("url",)).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise c.fail(at + ("url",), f"{url!r:.60} is not an http:// or https:// URL")
+    if "@" in url.split("//", 1)[1].split("/", 1)[0]:
+        raise c.fail(at + ("url",), "put credentials in a file named by 'credentials', not "
+                                    "in the URL (it is logged and shown)")
+    creds = None
+    if "credentials" in v:
+        creds = c.path_value(v["credentials"], at + ("credentials",))
+        if not creds.is_file():
+            raise c.fail(at + ("credentials",), f"cannot read {creds}: no such file")
+    return CiServer(name=name, type=kind, url=url, credentials=creds,
+                    timeout=c.number(v.get("timeout", 10), at + ("timeout",), minimum=0.1),
+                    poll=c.number(v.get("poll", 2), at + ("poll",), minimum=0.05))
+
+
+def _ref_patterns(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:
+    patterns = c.strings(value, at)
+    for i, p in enumerate(patterns):
+        if not p.startswith("refs/"):
+            raise c.fail(at + (str(i),), f"{p!r:.60} is not a full refname pattern; say "
+                                         f"refs/heads/{p} or refs/tags/{p}")
+    return patterns
+
+
+def _project_ci(c: _Checker, cfg: Config, value: Any, at: tuple[str, ...]) -> ProjectCi | None:
+    if value is None:
+        return None
+    v = c.mapping(value, at, ("server", "job", "refs", "parameters"))
+    for k in ("server", "job"):
+        if k not in v:
+            raise c.fail(at, f"missing key {k!r}")
+    server = c.string(v["server"], at + ("server",))
+    if server not in cfg.ci_servers:
+        raise c.fail(at + ("server",), f"no CI server {server!r:.40} under ci: (known: "
+                                       f"{', '.join(cfg.ci_servers) or 'none'})")
+    params: dict[str, str] = {}
+    for k, template in c.mapping(v.get("parameters"), at + ("parameters",), None).items():
+        where = at + ("parameters", str(k))
+        text = template if isinstance(template, str) else str(template)
+        try:
+            text.format(**{p: "" for p in CI_PLACEHOLDERS})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise c.fail(where, f"{text!r:.60}: unknown placeholder {exc}; use "
+                                f"{', '.join('{' + p + '}' for p in CI_PLACEHOLDERS)}") from None
+        params[str(k)] = text
+    return ProjectCi(server=server, job=c.string(v["job"], at + ("job",)),
+                     refs=_ref_patterns(c, v["refs"], at + ("refs",)) if "refs" in v
+                     else ["refs/heads/*"], parameters=params)
+
+
+def _auto_deploy(c: _Checker, value: Any, at: tuple[str, ...]) -> AutoDeploy | None:
+    if value is None:
+        return None
+    v = c.mapping(value, at, ("refs", "on"))
+    if "refs" not in v:
+        raise c.fail(at, "missing key 'refs' (the refs this environment follows)")
+    on = c.string(v.get("on", "ci_success"), at + ("on",))
+    if on not in AUTO_DEPLOY_ON:
+        raise c.fail(at + ("on",), f"{on!r:.40}: one of {', '.join(AUTO_DEPLOY_ON)}")
+    return AutoDeploy(refs=_ref_patterns(c, v["refs"], at + ("refs",)), on=on)
 
 
 def _shared(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:

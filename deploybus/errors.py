@@ -104,3 +104,17 @@ class RolloutError(DeployBusError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(message)
+
+
+class CiError(DeployBusError):
+    """A CI server could not build what the bridge asked for."""
+
+
+class CiUnavailable(CiError):
+    """The CI server is down, answers 5xx or times out: it may pass; the
+    bridge retries and keeps the push."""
+
+
+class CiRefused(CiError):
+    """The CI server will not build it as asked (credentials, no such job, a
+    queue item cancelled): retrying will not help; reported as an error."""

@@ -181,6 +181,22 @@ def resolve_remote(url: str, ref: str, *, timeout: float = 30) -> tuple[str, str
     return name, commit
 
 
+def is_ancestor(mirror: Path, older: str, newer: str) -> bool:
+    """``older`` is an ancestor of ``newer`` (both full commit ids in ``mirror``);
+    a commit is not its own ancestor here. RefError if either is unknown."""
+    for c in (older, newer):
+        if not is_full_commit_id(c):
+            raise RefError(f"not a full commit id: {c!r:.80}")
+    if older == newer:
+        return False
+    r = _git("--git-dir", str(mirror), "merge-base", "--is-ancestor", "--end-of-options",
+             older, newer, timeout=60)
+    if r.returncode in (0, 1):
+        return r.returncode == 0
+    raise RefError(redact_text(f"cannot compare {older[:12]} and {newer[:12]}: "
+                               f"{r.stderr.strip()[-300:]}"))
+
+
 def has_commit(mirror: Path, commit: str) -> bool:
     """``commit`` (a full id) is a commit object in ``mirror``. A tag object's
     id is not a commit, and no ref is consulted: a full id names one object."""

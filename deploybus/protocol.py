@@ -212,20 +212,28 @@ class BuildState(enum.StrEnum):
 
 
 class CiBuild(Body):
-    """``ci.build``: a CI build of a commit was queued, started or finished."""
+    """``ci.build``: a CI build of a commit was queued, started or finished
+    (or superseded by a newer push before it was built, or could not be
+    had: ``error``, with ``retrying`` when the CI server is only away and
+    the push is kept)."""
 
     project: Name
     ref: Ref
     commit: Commit
     state: BuildState
+    #: The CI server's name in the config (``ci.<name>``), or who reported it.
     backend: Name
     job: Annotated[str, Meta(max_length=200)]
+    #: A stable name of this build for its whole life ("<backend>/<id>"): an
+    #: auto-deploy is made once per build, whatever repeats.
+    build: Annotated[str, Meta(min_length=1, max_length=250)]
     result: Annotated[str, Meta(max_length=32)] | None = None
     number: Count | None = None
     url: Annotated[str, Meta(max_length=2000)] | None = None
     duration: Annotated[float, Meta(ge=0)] | None = None
-    console_tail: list[Line] = []
+    console_tail: Annotated[list[Line], Meta(max_length=200)] = []
     reason: Text | None = None
+    retrying: bool = False
 
 
 class PackageUpdate(Body):

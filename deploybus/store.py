@@ -429,6 +429,17 @@ class Store:
                 q = q.where(Rollout.created_at <= this.created_at)
             return s.scalars(q).first()
 
+    def running_commit(self, project: str, environment: str) -> str | None:
+        """The commit the newest deploy of ``project`` to ``environment`` that
+        went through (succeeded or partial) rolled out: what runs there now,
+        as far as the orchestrator's records tell."""
+        with self.session() as s:
+            return s.scalars(select(Rollout.commit).where(
+                Rollout.project == project, Rollout.environment == environment,
+                Rollout.action == "deploy", Rollout.commit.is_not(None),
+                Rollout.state.in_(("succeeded", "partial")))
+                .order_by(Rollout.created_at.desc()).limit(1)).first()
+
     def rollouts(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.session() as s:
             rows = s.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit))

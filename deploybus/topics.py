@@ -2,7 +2,7 @@
 
 #: ``git.push`` from hooks and webhooks.
 GIT_COMMITS = "git.commits"
-#: ``ci.build`` started/succeeded/failed from the CI bridge.
+#: ``ci.build`` queued/started/finished from the CI bridge (and ``notify build``).
 CI_EVENTS = "ci.events"
 #: ``deploy.rollout`` asked for by the CLI, the API and the web.
 ROLLOUTS = "deploy.rollouts"
@@ -41,3 +41,8 @@ ORCHESTRATOR_ROLLOUTS = "orchestrator-rollouts"
 ORCHESTRATOR_EVENTS = "orchestrator-events"
 ORCHESTRATOR_PRESENCE = "orchestrator-presence"
 ORCHESTRATOR_CONTROL = "orchestrator-control"
+#: ... for auto-deploy: CI results, and pushes (environments on: push).
+ORCHESTRATOR_CI = "orchestrator-ci"
+ORCHESTRATOR_PUSHES = "orchestrator-pushes"
+#: Durable queue of the CI bridge on git.commits.
+CI_BRIDGE = "ci-bridge"

@@ -30,6 +30,7 @@ from typing import Any
 from deploybus import gitutil, protocol, topics
 from deploybus.bus import Delivery
 from deploybus.bus.base import Backoff
+from deploybus.daemons.orchestrator.autodeploy import AutoDeploy
 from deploybus.daemons.orchestrator.mailbox import Key, Mailbox
 from deploybus.daemons.orchestrator.rollout import RolloutRun
 from deploybus.dispatch import Dispatcher, Message
@@ -71,6 +72,7 @@ class Orchestrator(Service):
                                      verifier=self.verifier)
         self.cond = threading.Condition()
         self.mailbox = Mailbox(self.cond)
+        self.autodeploy = AutoDeploy(self)
         self.stopping = threading.Event()
         self.runs: dict[str, RolloutRun] = {}
 
@@ -89,6 +91,16 @@ class Orchestrator(Service):
                                   queue=topics.ORCHESTRATOR_CONTROL, types={"deploy.control"})
         self.dispatcher.subscribe(topics.ROLLOUTS, self.on_rollout,
                                   queue=topics.ORCHESTRATOR_ROLLOUTS, types={"deploy.rollout"})
+        ons = {ec.auto_deploy.on for ec in self.ctx.config.environments.values()
+               if ec.auto_deploy is not None}
+        if "ci_success" in ons:
+            self.dispatcher.subscribe(topics.CI_EVENTS,
+                                      lambda msg, _d: self.autodeploy.on_ci_build(msg),
+                                      queue=topics.ORCHESTRATOR_CI, types={"ci.build"})
+        if "push" in ons:
+            self.dispatcher.subscribe(topics.GIT_COMMITS,
+                                      lambda msg, _d: self.autodeploy.on_push(msg),
+                                      queue=topics.ORCHESTRATOR_PUSHES, types={"git.push"})
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
         self.dispatcher.close(timeout)
@@ -193,22 +205,22 @@ class Orchestrator(Service):
             return signer.name
         return f"{body.user} (via {signer.name})"[:128]
 
-    def refuse(self, body: RolloutRequest, user: str, reason: str, signer: Signer) -> None:
-        """A rollout from a trusted key that cannot run: recorded, audited
-        under the signer, answered."""
+    def refuse(self, rollout: str, *, project: str, environment: str, ref: str, user: str,
+               reason: str, actor: str) -> None:
+        """A rollout from a trusted key (or the orchestrator's own auto-deploy)
+        that cannot run: recorded, audited under ``actor``, answered."""
         self.ctx.stats.incr("refused")
-        self.log.warning("rollout refused", rollout=body.rollout, reason=reason)
-        created = self.store.create_rollout(
-            id=body.rollout, project=body.project, environment=body.environment,
-            ref=body.ref or f"rollback:{body.release or 'previous'}", user=user, hosts=[],
-            state="refused", reason=reason)
+        self.log.warning("rollout refused", rollout=rollout, reason=reason)
+        created = self.store.create_rollout(id=rollout, project=project,
+                                            environment=environment, ref=ref, user=user,
+                                            hosts=[], state="refused", reason=reason)
         if not created:
             return  # a redelivery of a rollout we already decided on
-        self.store.audit(actor=signer.name, action="refused", project=body.project,
-                         environment=body.environment, rollout_id=body.rollout, reason=reason,
+        self.store.audit(actor=actor, action="refused", project=project,
+                         environment=environment, rollout_id=rollout, reason=reason,
                          user=user)
-        self.send(topics.STATUS, RolloutStatus(rollout=body.rollout, state=RolloutState.REFUSED,
-                                               reason=reason), correlation=body.rollout)
+        self.send(topics.STATUS, RolloutStatus(rollout=rollout, state=RolloutState.REFUSED,
+                                               reason=reason), correlation=rollout)
 
     def on_rollout(self, msg: Message, _d: Delivery) -> None:
         body = msg.body
@@ -222,7 +234,9 @@ class Orchestrator(Service):
             reason = f"orchestrator error: {type(exc).__name__}: {exc}"
             record = self.store.rollout(body.rollout)
             if record is None:
-                self.refuse(body, user, reason, msg.signer)
+                self.refuse(body.rollout, project=body.project, environment=body.environment,
+                            ref=body.ref or "rollback", user=user, reason=reason,
+                            actor=msg.signer.name)
             elif record["state"] not in FINAL_STATES and body.rollout not in self.runs:
                 self.status(body.rollout, RolloutState.FAILED, reason)
                 self.store.release_lock(record["project"], record["environment"],
@@ -252,53 +266,66 @@ class Orchestrator(Service):
         return hosts, strategy, outside, refname, commit
 
     def _on_rollout(self, msg: Message, body: RolloutRequest, user: str) -> None:
-        signer = msg.signer
         try:
             hosts, strategy, outside, ref, commit = self._check(msg, body)
         except DeployBusError as exc:
-            self.refuse(body, user, str(exc), signer)
+            self.refuse(body.rollout, project=body.project, environment=body.environment,
+                        ref=body.ref or f"rollback:{body.release or 'previous'}", user=user,
+                        reason=str(exc), actor=msg.signer.name)
             return
-        rollout = body.rollout
-        if not self.store.create_rollout(id=rollout, project=body.project,
-                                         environment=body.environment, ref=ref, user=user,
-                                         hosts=hosts, action=body.action,
-                                         target_release=body.release, commit=commit,
-                                         strategy=strategy.to_dict(),
-                                         override=body.override if outside else None):
+        self.accept(body.rollout, project=body.project, environment=body.environment,
+                    ref=ref, commit=commit, hosts=hosts, strategy=strategy, action=body.action,
+                    target_release=body.release, user=user, actor=msg.signer.name,
+                    override=body.override if outside else None, window=outside)
+
+    def accept(self, rollout: str, *, project: str, environment: str, ref: str,
+               commit: str | None, hosts: list[str], strategy: Strategy, action: Action,
+               user: str, actor: str, target_release: str | None = None,
+               override: str | None = None, window: str | None = None,
+               **audit: Any) -> bool:
+        """Record a checked rollout and run it, unless its id is known (a
+        redelivery: False) or its project and environment are locked
+        (refused, naming the holder: False). ``audit`` goes into the audit
+        entry (an auto-deploy names its build)."""
+        if not self.store.create_rollout(id=rollout, project=project, environment=environment,
+                                         ref=ref, user=user, hosts=hosts, action=action,
+                                         target_release=target_release, commit=commit,
+                                         strategy=strategy.to_dict(), override=override):
             self.log.info("rollout already known; ignoring redelivery", rollout=rollout)
-            return
-        held = self.store.acquire_lock(project=body.project, environment=body.environment,
-                                       owner=user, reason=f"rollout {rollout}: {ref}",
-                                       ttl=LOCK_TTL, rollout_id=rollout)
+            return False
+        held = self.store.acquire_lock(project=project, environment=environment, owner=user,
+                                       reason=f"rollout {rollout}: {ref}", ttl=LOCK_TTL,
+                                       rollout_id=rollout)
         if held is not None:
             who = f"rollout {held['rollout']}" if held["rollout"] else "a manual lock"
-            reason = (f"{body.project}/{body.environment} is locked by {who} (owner "
-                      f"{held['owner']}, reason: {held['reason']}, since "
-                      f"{held['acquired_at'][:19]}Z, expires {held['expires_at'][:19]}Z)")
+            reason = (f"{project}/{environment} is locked by {who} (owner {held['owner']}, "
+                      f"reason: {held['reason']}, since {held['acquired_at'][:19]}Z, "
+                      f"expires {held['expires_at'][:19]}Z)")
             self.store.set_rollout(rollout, state="refused", reason=reason)
-            self.store.audit(actor=signer.name, action="refused", project=body.project,
-                             environment=body.environment, rollout_id=rollout, reason=reason,
-                             user=user)
+            self.store.audit(actor=actor, action="refused", project=project,
+                             environment=environment, rollout_id=rollout, reason=reason,
+                             user=user, **audit)
             self.send(topics.STATUS, RolloutStatus(rollout=rollout, state=RolloutState.REFUSED,
                                                    reason=reason, lock=held),
                       correlation=rollout)
             self.log.warning("rollout refused: locked", rollout=rollout, holder=held)
-            return
-        self.store.audit(actor=signer.name, action="accepted", project=body.project,
-                         environment=body.environment, rollout_id=rollout, user=user, ref=ref,
-                         commit=commit, hosts=hosts, strategy=strategy.to_dict())
-        if outside:
-            self.store.audit(actor=signer.name, action="window-override", project=body.project,
-                             environment=body.environment, rollout_id=rollout, user=user,
-                             reason=body.override, window=outside)
-            self.log.warning("deploy window overridden", rollout=rollout, reason=body.override,
-                             window=outside, user=user)
-        self.log.info("rollout accepted", rollout=rollout, project=body.project, ref=ref,
-                      commit=commit, environment=body.environment, hosts=hosts, user=user,
-                      signer=signer.name)
+            return False
+        self.store.audit(actor=actor, action="accepted", project=project,
+                         environment=environment, rollout_id=rollout, user=user, ref=ref,
+                         commit=commit, hosts=hosts, strategy=strategy.to_dict(), **audit)
+        if override:
+            self.store.audit(actor=actor, action="window-override", project=project,
+                             environment=environment, rollout_id=rollout, user=user,
+                             reason=override, window=window)
+            self.log.warning("deploy window overridden", rollout=rollout, reason=override,
+                             window=window, user=user)
+        self.log.info("rollout accepted", rollout=rollout, project=project, ref=ref,
+                      commit=commit, environment=environment, hosts=hosts, user=user,
+                      actor=actor)
         record = self.store.rollout(rollout)
         assert record is not None
         self._launch(record)
+        return True
 
     def on_control(self, msg: Message, _d: Delivery) -> None:
         """Pause, resume, promote or abort a rollout running here. Every

@@ -103,6 +103,7 @@ CALLS: dict[str, Callable[[Store], Any]] = {
     "audit": lambda s: s.audit(actor="u", action="deploy", secret="leaked-data"),
     "audit_trail": lambda s: s.audit_trail(),
     "last_release": lambda s: s.last_release("app", "a", before="r1"),
+    "running_commit": lambda s: s.running_commit("app", "prod"),
     "add_log": lambda s: s.add_log("r1", "a", "fetch", "leaked-data"),
     "add_logs": lambda s: s.add_logs("r1", "a", [("fetch", "leaked-data")]),
     "record_presence": lambda s: s.record_presence("a", {"interval": 5}),
