@@ -101,6 +101,9 @@ class CiServer:
     timeout: float = 10.0
     #: Seconds between polls of a queued or running build.
     poll: float = 2.0
+    #: File holding the secret the CI server sends with its own build
+    #: notifications (Jenkins's Notification plugin); None: not accepted.
+    notify_secret: Path | None = None
 
 
 @dataclass
@@ -626,7 +629,7 @@ def parse(text: str, path: Path) -> Config:
 def _ci_server(c: _Checker, name: str, value: Any) -> CiServer:
     at = ("ci", name)
     c.name(name, at)
-    v = c.mapping(value, at, ("type", "url", "credentials", "timeout", "poll"))
+    v = c.mapping(value, at, ("type", "url", "credentials", "timeout", "poll", "notify_secret"))
     for k in ("type", "url"):
         if k not in v:
             raise c.fail(at, f"missing key {k!r}")
@@ -640,12 +643,16 @@ def _ci_server(c: _Checker, name: str, value: Any) -> CiServer:
     if "@" in url.split("//", 1)[1].split("/", 1)[0]:
         raise c.fail(at + ("url",), "put credentials in a file named by 'credentials', not "
                                     "in the URL (it is logged and shown)")
-    creds = None
-    if "credentials" in v:
-        creds = c.path_value(v["credentials"], at + ("credentials",))
-        if not creds.is_file():
-            raise c.fail(at + ("credentials",), f"cannot read {creds}: no such file")
+    files: dict[str, Path | None] = {}
+    for k in ("credentials", "notify_secret"):
+        files[k] = None
+        if k in v:
+            files[k] = c.path_value(v[k], at + (k,))
+            if not files[k].is_file():  # type: ignore[union-attr]
+                raise c.fail(at + (k,), f"cannot read {files[k]}: no such file")
+    creds = files["credentials"]
     return CiServer(name=name, type=kind, url=url, credentials=creds,
+                    notify_secret=files["notify_secret"],
                     timeout=c.number(v.get("timeout", 10), at + ("timeout",), minimum=0.1),
                     poll=c.number(v.get("poll", 2), at + ("poll",), minimum=0.05))
 
@@ -688,6 +695,9 @@ def _project_ci(c: _Checker, cfg: Config, value: Any, at: tuple[str, ...]) -> Pr
 def _auto_deploy(c: _Checker, value: Any, at: tuple[str, ...]) -> AutoDeploy | None:
     if value is None:
         return None
+    if isinstance(value, dict) and True in value:
+        # YAML 1.1 reads a bare `on:` as the boolean true: that is the key `on`
+        value = {("on" if k is True else k): v for k, v in value.items()}
     v = c.mapping(value, at, ("refs", "on"))
     if "refs" not in v:
         raise c.fail(at, "missing key 'refs' (the refs this environment follows)")

@@ -144,3 +144,49 @@ def notify_push(state: State, project: str, push_key: str | None) -> None:
         click.echo(f"deploybus: warning: push event not published: {exc}", err=True)
 
 
+
+
+@notify.command("build")
+@click.option("--project", required=True)
+@click.option("--job", required=True, help="The CI job's name.")
+@click.option("--number", type=click.IntRange(min=0), required=True, help="The build's number.")
+@click.option("--commit", required=True, help="The full commit id that was built.")
+@click.option("--ref", required=True, help="The ref built: refs/heads/main, refs/tags/v1 (or "
+                                           "a branch name).")
+@click.option("--state", "build_state", type=click.Choice(["queued", "started", "finished"]),
+              default="finished", show_default=True)
+@click.option("--result", type=click.Choice(["SUCCESS", "FAILURE", "ABORTED", "UNSTABLE",
+                                             "NOT_BUILT"]), default=None,
+              help="How it finished (with --state finished).")
+@click.option("--url", default=None, help="The build's page.")
+@click.option("--duration", type=float, default=None, help="Seconds the build took.")
+@click.option("--backend", default="ci", show_default=True,
+              help="Who built it (a name; the build is <backend>/<job>#<number>).")
+@pass_state
+def notify_build(state: State, project: str, job: str, number: int, commit: str, ref: str,
+                 build_state: str, result: str | None, url: str | None,
+                 duration: float | None, backend: str) -> None:
+    """Publish a signed ci.build for a build a CI job reports itself (a
+    Jenkins job step, any CI script): what the CI bridge publishes for the
+    builds it starts. Signs with a CI key (--key, or keys.signing)."""
+    from deploybus import protocol, topics
+    from deploybus.bus import connect
+    from deploybus.daemons.ci_bridge.notify import build_event
+    if build_state == "finished" and result is None:
+        raise click.BadParameter("a finished build needs its --result", param_hint="--result")
+    cfg = state.config
+    if project not in cfg.projects:
+        raise click.BadParameter(f"there is no project {project!r}", param_hint="--project")
+    try:
+        event = build_event(project=project, ref=ref, commit=commit, job=job, number=number,
+                            state=build_state, backend=backend, result=result, url=url,
+                            duration=duration)
+    except DeployBusError as exc:
+        raise click.UsageError(str(exc)) from None
+    key = state.signing_key()
+    with connect(cfg.bus_url, client_name=f"notify-{job}", publish_timeout=10) as bus:
+        bus.publish(topics.CI_EVENTS, protocol.seal(event, key=key,
+                                                    sender=f"notify@{socket.gethostname()}",
+                                                    correlation=event.build))
+    click.echo(f"ci.build {event.build} {build_state}"
+               + (f" {result}" if result else "") + f" published for {project} {commit[:12]}")

@@ -64,6 +64,26 @@ def orchestrator(state: State) -> None:
     _run("orchestrator", ctx, [Orchestrator(ctx)])
 
 
+@cli.command("ci-bridge")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Also take CI servers' own build notifications (Jenkins's Notification "
+                   "plugin) on POST /ci/<server>/jenkins.")
+@pass_state
+def ci_bridge(state: State, listen: str | None) -> None:
+    """Run the CI bridge: pushes -> CI builds -> signed ci.build events."""
+    from deploybus.daemons.ci_bridge.service import CiBridge
+    _setup_logging()
+    ctx = _context(state, None, daemon="ci-bridge")
+    services = [CiBridge(ctx)]
+    if listen:
+        from deploybus.daemons.ci_bridge.notify import NotifyServer
+        host, _, port = listen.rpartition(":")
+        if not port.isdigit():
+            raise click.BadParameter("HOST:PORT", param_hint="--listen")
+        services.append(NotifyServer(ctx, host=host or "127.0.0.1", port=int(port)))
+    _run("ci-bridge", ctx, services)  # type: ignore[arg-type]
+
+
 @cli.command()
 @click.option("--bind", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)

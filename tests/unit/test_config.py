@@ -521,3 +521,56 @@ def test_environments_may_share_a_host_for_different_projects(tmp_path):
           production: {hosts: [web2, web3], projects: [shop]}
         """))
     assert [pc.name for pc in cfg.projects_for_host("web2")] == ["blog", "shop"]
+
+
+def test_ci_servers_project_ci_and_auto_deploy(tmp_path):
+    (tmp_path / "jenkins.cred").write_text("deploybus:api-token\n")
+    cfg = config.load(write(tmp_path, """
+        ci:
+          jenkins: {type: jenkins, url: "https://ci.example.com/", credentials: jenkins.cred}
+        projects:
+          app:
+            git: /a
+            ci:
+              server: jenkins
+              job: app-build
+              refs: ["refs/heads/main", "refs/tags/v*"]
+              parameters: {COMMIT: "{commit}", BRANCH: "{short_ref}", LANE: fast}
+        environments:
+          dev:
+            hosts: [h1]
+            auto_deploy:
+              refs: ["refs/heads/main"]
+              on: ci_success
+        """))
+    js = cfg.ci_servers["jenkins"]
+    assert (js.type, js.url, js.credentials) == ("jenkins", "https://ci.example.com",
+                                                 tmp_path / "jenkins.cred")
+    ci = cfg.projects["app"].ci
+    assert ci is not None and ci.builds("refs/tags/v1.2") and not ci.builds("refs/heads/x")
+    assert ci.parameters == {"COMMIT": "{commit}", "BRANCH": "{short_ref}", "LANE": "fast"}
+    ad = cfg.environments["dev"].auto_deploy
+    assert ad is not None and ad.on == "ci_success" and ad.follows("refs/heads/main")
+
+
+@pytest.mark.parametrize("text, line, key, message", [
+    ("ci:\n  j: {type: gitlab, url: 'http://x'}\n", 2, "ci.j.type", "unknown CI server type"),
+    ("ci:\n  j: {type: jenkins, url: 'http://u:p@x'}\n", 2, "ci.j.url",
+     "put credentials in a file"),
+    ("ci:\n  j: {type: jenkins, url: 'http://x', credentials: nope}\n", 2, "ci.j.credentials",
+     "cannot read"),
+    ("projects:\n  app:\n    git: /a\n    ci: {server: jenkins, job: b}\n", 4,
+     "projects.app.ci.server", "no CI server 'jenkins'"),
+    ("ci:\n  j: {type: jenkins, url: 'http://x'}\nprojects:\n  app:\n    git: /a\n"
+     "    ci: {server: j, job: b, parameters: {X: '{sha}'}}\n", 6,
+     "projects.app.ci.parameters.X", "unknown placeholder"),
+    ("environments:\n  dev:\n    hosts: [h]\n    auto_deploy: {refs: [main]}\n", 4,
+     "environments.dev.auto_deploy.refs.0", "not a full refname pattern"),
+    ("environments:\n  dev:\n    hosts: [h]\n    auto_deploy:\n      refs: [refs/heads/*]\n"
+     "      on: merge\n", 6, "environments.dev.auto_deploy.on", "one of ci_success, push"),
+])
+def test_ci_config_errors(tmp_path, text, line, key, message):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(p)
+    check(info.value, p, line, key, message)
