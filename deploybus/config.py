@@ -116,6 +116,9 @@ class ProjectCi:
     job: str
     refs: list[str] = field(default_factory=lambda: ["refs/heads/*"])
     parameters: dict[str, str] = field(default_factory=dict)
+    #: Seconds a push waits for newer pushes of the same ref before it is
+    #: built (a burst builds only the newest commit).
+    settle: float = 2.0
 
     def builds(self, ref: str) -> bool:
         import fnmatch
@@ -669,7 +672,7 @@ def _ref_patterns(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:
 def _project_ci(c: _Checker, cfg: Config, value: Any, at: tuple[str, ...]) -> ProjectCi | None:
     if value is None:
         return None
-    v = c.mapping(value, at, ("server", "job", "refs", "parameters"))
+    v = c.mapping(value, at, ("server", "job", "refs", "parameters", "settle"))
     for k in ("server", "job"):
         if k not in v:
             raise c.fail(at, f"missing key {k!r}")
@@ -689,7 +692,8 @@ def _project_ci(c: _Checker, cfg: Config, value: Any, at: tuple[str, ...]) -> Pr
         params[str(k)] = text
     return ProjectCi(server=server, job=c.string(v["job"], at + ("job",)),
                      refs=_ref_patterns(c, v["refs"], at + ("refs",)) if "refs" in v
-                     else ["refs/heads/*"], parameters=params)
+                     else ["refs/heads/*"], parameters=params,
+                     settle=c.number(v.get("settle", 2.0), at + ("settle",), minimum=0))
 
 
 def _auto_deploy(c: _Checker, value: Any, at: tuple[str, ...]) -> AutoDeploy | None:

@@ -1,5 +1,7 @@
-"""CI bridge: commits -> CI builds, CI results -> ``ci.events``.
+"""CI bridge: pushes -> CI builds; CI results -> ``ci.events``.
 
-Not built yet (the foundation issue delivers the path from push to deploy
-without CI). The topic it will publish on is :data:`deploybus.topics.CI_EVENTS`.
+:mod:`.service` (the daemon), :mod:`.records` (its builds in the state
+database), :mod:`.backend` (the one interface CI servers sit behind),
+:mod:`.jenkins` and :mod:`.buildbot` (the servers), :mod:`.notify` (builds
+a CI reports itself). See docs/continuous-delivery.md.
 """

@@ -39,11 +39,11 @@ onto the interface's (Jenkins's) words (:data:`BUILDBOT_RESULTS`), the build's
 ``complete_at`` (Buildbot keeps whole seconds), its www URL
 (``<url>/#/builders/<builderid>/builds/<number>``, as Buildbot's own
 reporters make it: ``getURLForBuild`` in ``buildbot/reporters/utils.py``),
-and the last lines of its logs: the text logs of its steps, walked from
+and the last lines of its console: the text logs of its steps, walked from
 the last step back, each read from ``/api/v2/logs/L/contents?offset=&limit=``
-(only the lines still needed; ``buildbot/data/logchunks.py``); of a stdio
-log its stdout and stderr and how the command ended, not the worker's
-header (argv, and with ``logEnviron`` the environment: it may hold
+(from its end, only the lines still needed; ``buildbot/data/logchunks.py``);
+of a stdio log its stdout and stderr and how the command ended, not the
+worker's header (argv, and with ``logEnviron`` the environment: it may hold
 secrets); each step's lines after a ``=== <step>: <state>`` line.
 
 **Login.** With ``credentials``, the backend logs in once per session at
@@ -108,8 +108,8 @@ _TRANSIENT = frozenset({408, 429})
 #: Log types whose lines go into the console tail: stdio and text (not html).
 _TEXT_LOGS = frozenset({"s", "t"})
 
-#: Header lines of a stdio log that say how its command ended
-#: (``buildbot_worker/runprocess.py``).
+#: Header lines of a stdio log that say how its command ended (written by
+#: ``buildbot/process/remotecommand.py`` and ``buildbot_worker/runprocess.py``).
 _ENDED = re.compile(r"program finished with exit code|command timed out|process killed")
 
 #: Longest server message quoted in an error.
@@ -208,7 +208,7 @@ class BuildbotBackend(Backend):
             code = req.get("results")
             if code is None or code == CANCELLED:
                 return BuildStatus(state="cancelled", handle=handle, url=queue_url,
-                                   why="cancelled before it ran")
+                                   why=f"Buildbot build request {brid}")
             return BuildStatus(state="finished", handle=handle, url=queue_url,
                                result=BUILDBOT_RESULTS.get(code, "FAILURE"),
                                why="completed without a build")
@@ -240,33 +240,43 @@ class BuildbotBackend(Backend):
     # -- the console tail -------------------------------------------------
 
     def _tail(self, buildid: int, tail: int) -> list[str]:
-        """Up to the last ``tail`` lines of the build's text logs, step by
-        step, fetched from the last step back until there are enough."""
+        """The last ``tail`` lines of the build's console: every step's text
+        logs after a line naming the step, read from the end back until
+        there are enough."""
         if tail <= 0:
             return []
         steps = self._list(f"builds/{buildid}/steps", "steps", what=f"steps of build {buildid}")
-        chunks: list[list[str]] = []
-        have = 0
+        out: list[str] = []  # the console's end, filled in from the back
         for step in sorted(steps, key=lambda s: int(s.get("number", 0)), reverse=True):
+            name = step.get("name")
             logs = self._list(f"steps/{int(step['stepid'])}/logs", "logs",
-                              what=f"logs of step {step.get('name')!r}")
+                              what=f"logs of step {name!r}")
             lines: list[str] = []
-            for log in sorted(logs, key=lambda g: int(g["logid"])):
-                if log.get("type") not in _TEXT_LOGS or not log.get("num_lines"):
-                    continue
-                need = tail - have
-                offset = max(0, int(log["num_lines"]) - need)
-                got = self._get(f"logs/{int(log['logid'])}/contents?offset={offset}&limit={need}",
-                                what=f"log {log.get('name')!r} of step {step.get('name')!r}")
-                chunk = "".join(c.get("content") or "" for c in got.get("logchunks", []))
-                lines += _stdio(chunk) if log.get("type") == "s" else chunk.splitlines()
+            for log in sorted(logs, key=lambda g: int(g["logid"]), reverse=True):
+                if log.get("type") in _TEXT_LOGS and log.get("num_lines"):
+                    lines = self._log_tail(log, tail - len(out) - len(lines), step=name) + lines
+                if len(out) + len(lines) >= tail:
+                    break
             if lines:
-                chunks.append([f"=== {step.get('name')}: {step.get('state_string', '')}",
-                               *lines])
-                have += len(chunks[-1])
-            if have >= tail:
+                out = [f"=== {name}: {step.get('state_string', '')}", *lines, *out]
+            if len(out) >= tail:
                 break
-        return [ln for chunk in reversed(chunks) for ln in chunk][-tail:]
+        return out[-tail:]
+
+    def _log_tail(self, log: dict[str, Any], need: int, *, step: Any) -> list[str]:
+        """The last ``need`` lines of one log that go into the console (see
+        :func:`_stdio`), read in windows from its end, each twice the last,
+        until there are enough or the log's start is reached."""
+        kept: list[str] = []
+        end, window = int(log["num_lines"]), need + 10
+        while end > 0 and len(kept) < need:
+            start = max(0, end - window)
+            got = self._get(f"logs/{int(log['logid'])}/contents?offset={start}&limit={end - start}",
+                            what=f"log {log.get('name')!r} of step {step!r}")
+            chunk = "".join(c.get("content") or "" for c in got.get("logchunks", []))
+            kept = (_stdio(chunk) if log.get("type") == "s" else chunk.splitlines()) + kept
+            end, window = start, window * 2
+        return kept[-need:]
 
     # -- HTTP -------------------------------------------------------------
 

@@ -4,7 +4,7 @@ It takes ``git.push`` (signed by a git or CI key) from its durable queue
 ``ci-bridge``. For a project whose config has ``ci:`` and a ref it builds,
 it records the build in the state database (:mod:`.records`) *before* the
 push is acknowledged: a push is never dropped. A burst of pushes to one ref
-settles first (``settle`` seconds): older pending builds of the same ref are
+settles first (the project's ``ci.settle`` seconds): older pending builds of the same ref are
 superseded and reported so, and only the newest commit is built.
 
 One thread does the rest, from the records, so that a restart (even kill
@@ -33,9 +33,6 @@ from deploybus.errors import BusError, CiRefused, CiUnavailable, DeployBusError
 from deploybus.refs import short_ref_name
 from deploybus.runner import STOP_GRACE, Context, Service
 from deploybus.store import Store, utcnow
-
-#: Seconds a pending build waits for newer pushes of the same ref.
-SETTLE = 2.0
 
 #: Backoff against a CI server that is away: first wait, cap (seconds).
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 30.0
@@ -66,7 +63,7 @@ class CiBridge(Service):
     name = "ci_bridge"
 
     def __init__(self, ctx: Context, store: Store | None = None, *,
-                 settle: float = SETTLE) -> None:
+                 settle: float | None = None) -> None:
         super().__init__(ctx)
         self.store = store or Store(ctx.config.state_url)
         self.builds = records.Builds(self.store)
@@ -114,7 +111,8 @@ class CiBridge(Service):
             return
         build, superseded = self.builds.record(
             push_id=msg.env.id, project=body.project, ref=body.ref, commit=body.new,
-            server=pc.ci.server, job=pc.ci.job, settle=self.settle)
+            server=pc.ci.server, job=pc.ci.job,
+            settle=self.settle if self.settle is not None else pc.ci.settle)
         if build is None:
             self.log.info("push already recorded; redelivery", push=msg.env.id)
             return

@@ -62,11 +62,14 @@ class Daemon:
 class Cluster:
     def __init__(self, base: Path, bus_url: str, hosts: list[str], *,
                  env_extra: str = "", app_scripts: dict[str, str] | None = None,
-                 request_timeout: float = 60, heartbeat: float | None = None) -> None:
+                 request_timeout: float = 60, heartbeat: float | None = None,
+                 top_extra: str = "", app_extra: str = "") -> None:
         self.base, self.bus_url, self.hosts = base, bus_url, hosts
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
         self.env_extra = env_extra
+        #: YAML appended at the top level (a ci: section) and under projects.app
+        self.top_extra, self.app_extra = top_extra, app_extra
         self.app_scripts = app_scripts or {
             "pre": 'echo "pre $DEPLOYBUS_REF on $DEPLOYBUS_HOST" > "$DEPLOYBUS_PROJECT.pre.log"',
             "post": 'test -f VERSION && echo "post $DEPLOYBUS_COMMIT"'}
@@ -93,7 +96,7 @@ class Cluster:
     def setup(self) -> None:
         # one key per role holder, as on real servers: a person (the CLI),
         # the orchestrator, the git server's hook, and each host
-        for name in ("deployer", "orchestrator", "git", *self.hosts):
+        for name in ("deployer", "orchestrator", "git", "ci", *self.hosts):
             SigningKey.generate(name).save(self.keys)
         self.bare.parent.mkdir(parents=True)
         git("init", "--bare", "-q", str(self.bare), cwd=self.base)
@@ -114,17 +117,21 @@ keys:
     deployer: {{key: keys/deployer.pub, role: person}}
     orchestrator: {{key: keys/orchestrator.pub, role: orchestrator}}
     git: {{key: keys/git.pub, role: git}}
+    ci: {{key: keys/ci.pub, role: ci}}
 {trusted}  policy:
     - signer: deployer
       projects: ["*"]
       environments: ["*"]
+    - signer: ci
+      projects: ["*"]
+      environments: ["*"]
 state:
   url: sqlite:///state.db
-hosts:
+{self.top_extra}hosts:
 {hosts_yaml}projects:
   app:
     git: {self.bare}
-    scripts:
+{self.app_extra}    scripts:
 {scripts_yaml}  broken:
     git: {self.bare}
     scripts:
@@ -156,6 +163,9 @@ environments:
         d = Daemon(name, ["-c", str(self.config), *args], self.env)
         self.daemons.append(d)
         return d
+
+    def start_ci_bridge(self, *args: str) -> Daemon:
+        return self.start("ci-bridge", "--key", str(self.key("ci")), "ci-bridge", *args)
 
     def start_orchestrator(self) -> Daemon:
         return self.start("orchestrator", "--key", str(self.key("orchestrator")), "orchestrator")
