@@ -392,7 +392,7 @@ class _Handler(BaseHTTPRequestHandler):
                                     "parameterized")
         kept = {k: form[k][-1] if k in form else v for k, v in (job.parameters or {}).items()}
         fake.triggers.append({"job": job.name, "form": {k: v[-1] for k, v in form.items()},
-                              "parameters": kept})
+                              "parameters": kept, "at": time.time()})
         same = [i for i in fake.queue.values()
                 if i.job == job.name and not i.left and i.parameters == kept]
         status, item = 303, same[0] if same else None
