@@ -5,13 +5,19 @@ Layout (every key is documented in docs/configuration.md)::
     bus:          {url, prefetch}
     keys:         {signing, trusted: {name: {key: path-or-line, role, host}},
                    policy: [{signer | role, projects, environments}]}
-    state:        {url}                      # SQLAlchemy URL of the rollout store
+    state:        {url, dir}                 # SQLAlchemy URL of the rollout store
+    outbox:       path                       # durable outbox of the hook and the listener
+    listener:     {bind, max_body}           # deploybus listener (forge webhooks)
+    smtp:         {host, port, from, starttls, credentials, timeout}   # notifications
     web:          {allowed_hosts: [..]}      # Host names the web front end answers to
-    defaults:     {root, state_dir, heartbeat}                   # per-host defaults
-    hosts:        {name: {root, state_dir, heartbeat, signing}}  # optional per-host overrides
-    projects:     {name: {git, scripts: {pre, post, post_switch}, script_timeout, keep,
+    defaults:     {root, state_dir, heartbeat, packages}         # per-host defaults
+    hosts:        {name: {root, state_dir, heartbeat, signing, packages: {watch: [..],
+                          command, coalesce}}}                 # optional per-host overrides
+    projects:     {name: {git | svn, scripts: {pre, post, post_switch}, script_timeout, keep,
                           shared: [..], health: {command|url, retries, interval, timeout},
-                          user, group, output: {interval, lines, line_chars, max_bytes}}}
+                          user, group, output: {interval, lines, line_chars, max_bytes},
+                          ci: {..}, webhook: {secret, repository},
+                          notify: {events, webhooks: [{url, format, secret}], email: [..]}}}
     environments: {name: {hosts: [..], projects: [..], request_timeout, ack_timeout,
                           strategy: {..},
                           windows: {timezone, allow, deny},
@@ -138,6 +144,92 @@ class AutoDeploy:
         return any(fnmatch.fnmatchcase(ref, p) for p in self.refs)
 
 
+#: Forges whose webhooks the listener takes.
+FORGES = ("github", "gitlab", "gitea", "bitbucket")
+
+
+@dataclass
+class Webhook:
+    """A project's forge webhook (``projects.<p>.webhook``)."""
+
+    #: File holding the shared secret the forge signs (or sends) with; read
+    #: when a delivery arrives, never logged.
+    secret: Path
+    #: The repository's full name on the forge (``team/app``) or one of its
+    #: URLs; None: matched against the project's ``git`` URL.
+    repository: str | None = None
+
+    def read_secret(self) -> bytes:
+        return self.secret.read_bytes().strip()
+
+
+#: Events a project's notifications may be sent for.
+NOTIFY_EVENTS = ("started", "succeeded", "partial", "failed", "halted", "rolled_back",
+                 "aborted", "ci_failed")
+#: Bodies an outgoing notification webhook may have.
+NOTIFY_FORMATS = ("slack", "json")
+
+
+@dataclass
+class NotifyWebhook:
+    url: str
+    #: ``slack`` (a Slack-compatible ``{"text": ...}``) or ``json`` (the
+    #: event, signed with an HMAC-SHA256 header when ``secret`` is given).
+    format: str = "json"
+    secret: Path | None = None
+
+
+@dataclass
+class Notify:
+    """Where a project's notifications go (``projects.<p>.notify``)."""
+
+    events: list[str] = field(default_factory=lambda: list(NOTIFY_EVENTS))
+    webhooks: list[NotifyWebhook] = field(default_factory=list)
+    email: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Smtp:
+    """The mail server notifications are sent through (``smtp``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    sender: str = "deploybus@localhost"
+    starttls: bool = False
+    #: File holding ``user:password``; None: no login.
+    credentials: Path | None = None
+    timeout: float = 10.0
+
+
+@dataclass
+class PackageWatch:
+    """Debian packages a host watches (``defaults.packages`` or
+    ``hosts.<h>.packages``): on a ``package.update`` of one of them its
+    fetcher runs ``command`` (never an install), once per burst."""
+
+    watch: list[str] = field(default_factory=list)   # names or globs
+    command: str = "apt-get update -q"
+    #: Seconds to gather a burst of updates into one run of the command.
+    coalesce: float = 5.0
+
+    def watches(self, package: str) -> bool:
+        import fnmatch
+        return any(fnmatch.fnmatchcase(package, p) for p in self.watch)
+
+
+@dataclass
+class Listener:
+    """``deploybus listener``: where it listens and what it accepts."""
+
+    bind: str = "127.0.0.1:8090"
+    #: Bytes a webhook body may have; a larger one is a 413.
+    max_body: int = 1024 * 1024
+
+
+#: Version control systems a project may be in.
+VCS = ("git", "svn")
+
+
 @dataclass
 class ProjectConfig:
     name: str
@@ -153,6 +245,10 @@ class ProjectConfig:
     group: str | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
     ci: ProjectCi | None = None
+    webhook: Webhook | None = None
+    notify: Notify | None = None
+    #: ``git`` or ``svn``; for svn, ``git`` holds the repository's URL.
+    vcs: str = "git"
 
 
 @dataclass
@@ -185,6 +281,7 @@ class HostConfig:
     #: keys.signing. Lets one config serve several hosts on one machine.
     signing: Path | None = None
     signing_line: int | None = None
+    packages: PackageWatch | None = None
 
 
 #: Host names the web answers to unless ``web.allowed_hosts`` says otherwise:
@@ -219,12 +316,22 @@ class Config:
     projects: dict[str, ProjectConfig] = field(default_factory=dict)
     environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
     ci_servers: dict[str, CiServer] = field(default_factory=dict)
+    default_packages: PackageWatch | None = None
+    #: The durable outbox (SQLite) the post-receive hook and the listener
+    #: write events to before they are published; default: state.dir/outbox.db.
+    outbox: Path | None = None
+    listener: Listener = field(default_factory=Listener)
+    smtp: Smtp | None = None
 
     def host(self, name: str) -> HostConfig:
         """Settings of host ``name``, defaults filled in."""
         return self.hosts.get(name) or HostConfig(name, self.default_root,
                                                   self.default_state_dir,
-                                                  self.default_heartbeat)
+                                                  self.default_heartbeat,
+                                                  packages=self.default_packages)
+
+    def outbox_path(self) -> Path:
+        return self.outbox or self.state_dir / "outbox.db"
 
     def projects_for_host(self, host: str) -> list[ProjectConfig]:
         """Projects some environment deploys to ``host``."""
@@ -399,8 +506,8 @@ def parse(text: str, path: Path) -> Config:
     from deploybus.signing import REQUESTERS, PolicyRule, TrustedKey, key_id, parse_public
 
     c = _Checker(path, text)
-    top = c.mapping(c.data, (), ("bus", "keys", "state", "web", "ci", "defaults", "hosts",
-                                 "projects", "environments"))
+    top = c.mapping(c.data, (), ("bus", "keys", "state", "outbox", "listener", "smtp", "web",
+                                 "ci", "defaults", "hosts", "projects", "environments"))
     cfg = Config(path=path)
 
     bus = c.mapping(top.get("bus"), ("bus",), ("url", "prefetch"))
@@ -500,6 +607,17 @@ def parse(text: str, path: Path) -> Config:
     elif cfg.state_url.startswith("sqlite:////"):
         cfg.state_dir = Path(cfg.state_url[len("sqlite:///"):]).parent / "server"
 
+    if top.get("outbox") is not None:
+        cfg.outbox = c.path_value(top["outbox"], ("outbox",))
+    lis = c.mapping(top.get("listener"), ("listener",), ("bind", "max_body"))
+    if "bind" in lis:
+        cfg.listener.bind = _bind(c, lis["bind"], ("listener", "bind"))
+    if "max_body" in lis:
+        cfg.listener.max_body = int(c.number(lis["max_body"], ("listener", "max_body"),
+                                             minimum=1024))
+    if top.get("smtp") is not None:
+        cfg.smtp = _smtp(c, top["smtp"])
+
     web = c.mapping(top.get("web"), ("web",), ("allowed_hosts",))
     if "allowed_hosts" in web:
         web_at = ("web", "allowed_hosts")
@@ -508,7 +626,9 @@ def parse(text: str, path: Path) -> Config:
         if not cfg.web_allowed_hosts:
             raise c.fail(web_at, "expected at least one host name")
 
-    defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir", "heartbeat"))
+    defaults = c.mapping(top.get("defaults"), ("defaults",), ("root", "state_dir", "heartbeat",
+                                                               "packages"))
+    cfg.default_packages = _packages(c, defaults.get("packages"), ("defaults", "packages"))
     if "heartbeat" in defaults:
         cfg.default_heartbeat = c.number(defaults["heartbeat"], ("defaults", "heartbeat"),
                                          minimum=0.1)
@@ -520,7 +640,7 @@ def parse(text: str, path: Path) -> Config:
     for name, h in c.mapping(top.get("hosts"), ("hosts",), None).items():
         at = ("hosts", str(name))
         c.name(name, at)
-        h = c.mapping(h, at, ("root", "state_dir", "heartbeat", "signing"))
+        h = c.mapping(h, at, ("root", "state_dir", "heartbeat", "signing", "packages"))
         cfg.hosts[name] = HostConfig(
             name,
             c.path_value(h["root"], at + ("root",)) if "root" in h else cfg.default_root,
@@ -529,7 +649,9 @@ def parse(text: str, path: Path) -> Config:
             c.number(h["heartbeat"], at + ("heartbeat",), minimum=0.1) if "heartbeat" in h
             else cfg.default_heartbeat,
             c.path_value(h["signing"], at + ("signing",)) if "signing" in h else None,
-            c.lines.get(at + ("signing",)))
+            c.lines.get(at + ("signing",)),
+            _packages(c, h["packages"], at + ("packages",)) if "packages" in h
+            else cfg.default_packages)
 
     for name, server in c.mapping(top.get("ci"), ("ci",), None).items():
         cfg.ci_servers[str(name)] = _ci_server(c, str(name), server)
@@ -537,12 +659,18 @@ def parse(text: str, path: Path) -> Config:
     for name, pr in c.mapping(top.get("projects"), ("projects",), None).items():
         at = ("projects", str(name))
         c.name(name, at)
-        pr = c.mapping(pr, at, ("git", "scripts", "script_timeout", "keep", "shared", "health",
-                                "user", "group", "output", "ci"))
-        if "git" not in pr:
-            raise c.fail(at, "missing key 'git' (the repository URL or path to deploy from)")
-        git = c.string(pr["git"], at + ("git",))
-        if "://" not in git and not git.startswith(("git@", "/")) and ":" not in git:
+        pr = c.mapping(pr, at, ("git", "svn", "scripts", "script_timeout", "keep", "shared",
+                                "health", "user", "group", "output", "ci", "webhook",
+                                "notify"))
+        if ("git" in pr) == ("svn" in pr):
+            raise c.fail(at, "give exactly one of 'git' or 'svn' (the repository URL or path "
+                             "to deploy from)")
+        vcs = "git" if "git" in pr else "svn"
+        git = c.string(pr[vcs], at + (vcs,))
+        if vcs == "svn":
+            if not git.startswith(("file://", "svn://", "svn+ssh://", "http://", "https://")):
+                git = "file://" + str(c.path_value(git, at + ("svn",)))
+        elif "://" not in git and not git.startswith(("git@", "/")) and ":" not in git:
             git = str(c.path_value(git, at + ("git",)))
         scripts = {k: c.string(v, at + ("scripts", k)) for k, v in
                    c.mapping(pr.get("scripts"), at + ("scripts",), SCRIPT_STEPS).items()}
@@ -556,7 +684,10 @@ def parse(text: str, path: Path) -> Config:
             user=_account(c, pr.get("user"), at + ("user",)),
             group=_account(c, pr.get("group"), at + ("group",)),
             output=_output(c, pr.get("output"), at + ("output",)),
-            ci=_project_ci(c, cfg, pr.get("ci"), at + ("ci",)))
+            ci=_project_ci(c, cfg, pr.get("ci"), at + ("ci",)),
+            webhook=_webhook(c, pr.get("webhook"), at + ("webhook",)),
+            notify=_notify(c, cfg, pr.get("notify"), at + ("notify",)),
+            vcs=vcs)
 
     for name, ev in c.mapping(top.get("environments"), ("environments",), None).items():
         at = ("environments", str(name))
@@ -658,6 +789,108 @@ def _ci_server(c: _Checker, name: str, value: Any) -> CiServer:
                     notify_secret=files["notify_secret"],
                     timeout=c.number(v.get("timeout", 10), at + ("timeout",), minimum=0.1),
                     poll=c.number(v.get("poll", 2), at + ("poll",), minimum=0.05))
+
+
+def _bind(c: _Checker, value: Any, at: tuple[str, ...]) -> str:
+    text = c.string(value, at)
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise c.fail(at, f"{text!r:.60}: give HOST:PORT, e.g. 127.0.0.1:8090")
+    return text
+
+
+def _secret_file(c: _Checker, value: Any, at: tuple[str, ...]) -> Path:
+    p = c.path_value(value, at)
+    if not p.is_file():
+        raise c.fail(at, f"cannot read {p}: no such file (give the path of a file that "
+                         f"holds the secret, not the secret itself)")
+    return p
+
+
+def _webhook(c: _Checker, value: Any, at: tuple[str, ...]) -> Webhook | None:
+    if value is None:
+        return None
+    v = c.mapping(value, at, ("secret", "repository"))
+    if "secret" not in v:
+        raise c.fail(at, "missing key 'secret' (a file holding the webhook's shared secret)")
+    return Webhook(secret=_secret_file(c, v["secret"], at + ("secret",)),
+                   repository=c.string(v["repository"], at + ("repository",))
+                   if "repository" in v else None)
+
+
+def _notify(c: _Checker, cfg: Config, value: Any, at: tuple[str, ...]) -> Notify | None:
+    if value is None:
+        return None
+    v = c.mapping(value, at, ("events", "webhooks", "email"))
+    n = Notify()
+    if "events" in v:
+        n.events = c.strings(v["events"], at + ("events",))
+        for i, e in enumerate(n.events):
+            if e not in NOTIFY_EVENTS:
+                raise c.fail(at + ("events", str(i)), f"unknown event {e!r:.40} (known: "
+                                                      f"{', '.join(NOTIFY_EVENTS)})")
+    hooks = v.get("webhooks") or []
+    if not isinstance(hooks, list):
+        raise c.fail(at + ("webhooks",), "expected a list of {url, format, secret}")
+    for i, h in enumerate(hooks):
+        hat = at + ("webhooks", str(i))
+        hv = c.mapping(h, hat, ("url", "format", "secret"))
+        if "url" not in hv:
+            raise c.fail(hat, "missing key 'url'")
+        url = c.string(hv["url"], hat + ("url",))
+        if not url.startswith(("http://", "https://")):
+            raise c.fail(hat + ("url",), f"{url!r:.60} is not an http:// or https:// URL")
+        fmt = c.string(hv.get("format", "json"), hat + ("format",))
+        if fmt not in NOTIFY_FORMATS:
+            raise c.fail(hat + ("format",), f"{fmt!r:.40}: one of {', '.join(NOTIFY_FORMATS)}")
+        n.webhooks.append(NotifyWebhook(
+            url=url, format=fmt,
+            secret=_secret_file(c, hv["secret"], hat + ("secret",)) if "secret" in hv
+            else None))
+    if "email" in v:
+        n.email = c.strings(v["email"], at + ("email",))
+        for i, addr in enumerate(n.email):
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+", addr):
+                raise c.fail(at + ("email", str(i)), f"{addr!r:.60} is not an email address")
+        if cfg.smtp is None:
+            raise c.fail(at + ("email",), "email needs a mail server: add smtp: {host, port, "
+                                          "from}")
+    return n
+
+
+def _smtp(c: _Checker, value: Any) -> Smtp:
+    at = ("smtp",)
+    v = c.mapping(value, at, ("host", "port", "from", "starttls", "credentials", "timeout"))
+    s = Smtp()
+    if "host" in v:
+        s.host = c.string(v["host"], at + ("host",))
+    if "port" in v:
+        s.port = int(c.number(v["port"], at + ("port",), minimum=1))
+    if "from" in v:
+        s.sender = c.string(v["from"], at + ("from",))
+    if "starttls" in v:
+        if not isinstance(v["starttls"], bool):
+            raise c.fail(at + ("starttls",), "expected true or false")
+        s.starttls = v["starttls"]
+    if "credentials" in v:
+        s.credentials = _secret_file(c, v["credentials"], at + ("credentials",))
+    if "timeout" in v:
+        s.timeout = c.number(v["timeout"], at + ("timeout",), minimum=0.1)
+    return s
+
+
+def _packages(c: _Checker, value: Any, at: tuple[str, ...]) -> PackageWatch | None:
+    if value is None:
+        return None
+    v = c.mapping(value, at, ("watch", "command", "coalesce"))
+    if "watch" not in v:
+        raise c.fail(at, "missing key 'watch' (the Debian packages, or globs, to watch)")
+    pw = PackageWatch(watch=c.strings(v["watch"], at + ("watch",)))
+    if "command" in v:
+        pw.command = c.string(v["command"], at + ("command",))
+    if "coalesce" in v:
+        pw.coalesce = c.number(v["coalesce"], at + ("coalesce",), minimum=0)
+    return pw
 
 
 def _ref_patterns(c: _Checker, value: Any, at: tuple[str, ...]) -> list[str]:

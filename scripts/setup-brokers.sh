@@ -16,7 +16,7 @@ LOG_FILE="${SETUP_BROKERS_LOG:-/var/log/deploybus-setup-brokers.log}"
 # Brokers, plus what the test suite needs from Debian: git, libsystemd-dev and
 # pkg-config (to build systemd-python), chromium (browser tests), haproxy (drain),
 # gdb (stops an agent at the exact rename of `current` in the crash tests).
-PACKAGES=(${SETUP_PACKAGES:-activemq rabbitmq-server git libsystemd-dev pkg-config chromium haproxy gdb})
+PACKAGES=(${SETUP_PACKAGES:-activemq rabbitmq-server git libsystemd-dev pkg-config chromium haproxy gdb subversion})
 
 RABBIT_CONF_DIR=/etc/rabbitmq
 RABBIT_CONF="$RABBIT_CONF_DIR/rabbitmq.conf"
