@@ -96,21 +96,96 @@ def hook() -> None:
 @hook.command("install")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False))
 @click.option("--project", required=True, help="Project the repository belongs to.")
+@click.option("--outbox", default=None, type=click.Path(dir_okay=False),
+              help="Where pushes wait for the bus (default: the config's outbox, "
+                   "state.dir/outbox.db). The git user must be able to write it and its "
+                   "directory.")
 @click.option("--force", is_flag=True, help="Replace a post-receive hook not written by us.")
 @pass_state
-def hook_install(state: State, repo: str, project: str, force: bool) -> None:
-    """Install the post-receive hook into bare repository REPO. It signs each
-    push with --key if given (a git key, see `keys generate`), else with
-    keys.signing."""
+def hook_install(state: State, repo: str, project: str, outbox: str | None,
+                 force: bool) -> None:
+    """Install the post-receive hook into bare repository REPO. Each push is
+    queued in the outbox and published by a drainer signed with --key if
+    given (a git key, see `keys generate`), else with keys.signing."""
     from deploybus.daemons.git_listener.hook import install
     cfg = state.config
     try:
         path = install(Path(repo), project=project, config=cfg.path, force=force,
+                       outbox=Path(outbox) if outbox else cfg.outbox_path(),
                        key=Path(state.key_path) if state.key_path else None)
     except DeployBusError as exc:
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     click.echo(f"installed {path}")
+
+
+@cli.group()
+def outbox() -> None:
+    """Events waiting for the bus (from the git hook and the listener)."""
+
+
+@outbox.command("drain")
+@click.option("--outbox", "path", default=None, type=click.Path(dir_okay=False),
+              help="The outbox file (default: the config's outbox).")
+@click.option("--wait", is_flag=True, help="Wait for another drainer instead of leaving "
+                                           "the work to it.")
+@click.option("--quiet", is_flag=True, help="Say nothing unless something failed.")
+@pass_state
+def outbox_drain(state: State, path: str | None, wait: bool, quiet: bool) -> None:
+    """Publish what waits in the outbox, in order, signed with --key (or
+    keys.signing); each event is deleted once the broker confirmed it. Exits
+    1 if the broker did not take everything (it stays queued)."""
+    from deploybus.bus import connect
+    from deploybus.outbox import Outbox, drain, drain_lock
+    cfg = state.config
+    file = Path(path) if path else cfg.outbox_path()
+    key = state.signing_key()
+    with Outbox(file) as box, drain_lock(file, wait=wait) as held:
+        if not held:
+            if not quiet:
+                click.echo("deploybus: another drainer is at work on this outbox", err=True)
+            return
+        bus = connect(cfg.bus_url, client_name="outbox-drain",
+                      publish_timeout=HOOK_PUBLISH_TIMEOUT)
+        try:
+            n = drain(box, bus, key=key, sender=f"outbox@{socket.gethostname()}")
+        except DeployBusError as exc:
+            left = box.status()["pending"]
+            click.echo(f"deploybus: {left} event(s) stay queued in {file}: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+        finally:
+            bus.close()
+    if not quiet:
+        click.echo(f"published {n} event(s)")
+
+
+@outbox.command("status")
+@click.option("--outbox", "path", default=None, type=click.Path(dir_okay=False),
+              help="The outbox file (default: the config's outbox).")
+@pass_state
+def outbox_status(state: State, path: str | None) -> None:
+    """How many events wait for the bus, since when, and the last error.
+    Exits 1 when events have waited more than a minute."""
+    import time
+
+    from deploybus.outbox import Outbox
+    file = Path(path) if path else state.config.outbox_path()
+    if not file.exists():
+        click.echo(f"{file}: no outbox (nothing was ever queued here)")
+        return
+    with Outbox(file) as box:
+        st = box.status()
+    click.echo(f"{file}: {st['pending']} event(s) waiting")
+    if st["oldest"] is not None:
+        age = time.time() - st["oldest"]
+        click.echo(f"  oldest: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(st['oldest']))}"
+                   f" ({age:.0f} s ago)")
+    if st["error"]:
+        click.echo(f"  last error: {st['error']}")
+    if st["rejected"]:
+        click.echo(f"  set aside (cannot be published): {st['rejected']}")
+    if st["oldest"] is not None and time.time() - st["oldest"] > 60:
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.group()
