@@ -106,6 +106,16 @@ class RolloutError(DeployBusError):
         super().__init__(message)
 
 
+class WebhookError(DeployBusError):
+    """A forge's webhook delivery that cannot be taken. ``status`` is the HTTP
+    status the listener answers: 400 malformed (not JSON, not the payload its
+    headers announce), 401 signature or token missing or wrong."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class CiError(DeployBusError):
     """A CI server could not build what the bridge asked for."""
 

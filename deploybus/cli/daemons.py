@@ -85,6 +85,23 @@ def ci_bridge(state: State, listen: str | None) -> None:
 
 
 @cli.command()
+@click.option("--bind", default=None, metavar="HOST:PORT",
+              help="Where to listen (default: listener.bind in the config, 127.0.0.1:8090).")
+@pass_state
+def listener(state: State, bind: str | None) -> None:
+    """Run the webhook receiver: GitHub, GitLab, Gitea and Bitbucket pushes ->
+    the outbox -> signed git.push events (and drain the git hook's outbox)."""
+    from deploybus.daemons.git_listener.listener import Listener
+    _setup_logging()
+    if bind is not None and not bind.rpartition(":")[2].isdigit():
+        raise click.BadParameter("HOST:PORT", param_hint="--bind")
+    # the drainer waits on the broker, never a person: a short publish
+    # timeout keeps a stop prompt while the broker is away
+    ctx = _context(state, None, daemon="listener", publish_timeout=5.0)
+    _run("listener", ctx, [Listener(ctx, bind=bind)])
+
+
+@cli.command()
 @click.option("--bind", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
 @pass_state
