@@ -662,9 +662,11 @@ def parse(text: str, path: Path) -> Config:
         pr = c.mapping(pr, at, ("git", "svn", "scripts", "script_timeout", "keep", "shared",
                                 "health", "user", "group", "output", "ci", "webhook",
                                 "notify"))
-        if ("git" in pr) == ("svn" in pr):
-            raise c.fail(at, "give exactly one of 'git' or 'svn' (the repository URL or path "
-                             "to deploy from)")
+        if "git" not in pr and "svn" not in pr:
+            raise c.fail(at, "missing key 'git' (the repository URL or path to deploy from; "
+                             "svn: for a Subversion project)")
+        if "git" in pr and "svn" in pr:
+            raise c.fail(at + ("svn",), "give one of 'git' or 'svn', not both")
         vcs = "git" if "git" in pr else "svn"
         git = c.string(pr[vcs], at + (vcs,))
         if vcs == "svn":

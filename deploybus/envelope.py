@@ -28,7 +28,7 @@ MAX_SIZE = 1024 * 1024
 
 #: Message types deploybus knows.
 TYPES = frozenset({
-    "git.push", "ci.build", "package.update", "presence",
+    "git.push", "svn.commit", "ci.build", "package.update", "package.updated", "presence",
     "deploy.rollout", "deploy.rollout.status", "deploy.control", "deploy.request",
     "deploy.progress", "deploy.result",
 })

@@ -116,6 +116,11 @@ class WebhookError(DeployBusError):
         super().__init__(message)
 
 
+class DeliveryError(DeployBusError):
+    """One try to deliver a notification (a webhook, an email) failed; the
+    notifier retries. The text is safe to log (no URL path, no secret)."""
+
+
 class CiError(DeployBusError):
     """A CI server could not build what the bridge asked for."""
 

@@ -38,6 +38,12 @@ def plan(cfg: Config, *, project: str, environment: str, hosts: list[str] | None
     if project not in cfg.projects:
         raise RolloutError("project", f"there is no project {project!r:.80} (known: "
                                       f"{', '.join(cfg.projects) or 'none'})")
+    if cfg.projects[project].vcs != "git":
+        raise RolloutError("project", f"{project} is a Subversion project: its hosts' fetchers "
+                                      "export its revisions (<state_dir>/svn/"
+                                      f"{project}/r<REV>), but rollouts deploy git projects "
+                                      "only; svn projects are not yet deployable by rollouts "
+                                      "(docs/subversion.md)")
     ec = cfg.environments.get(environment)
     if ec is None:
         raise RolloutError("environment", f"there is no environment {environment!r:.80} "

@@ -45,6 +45,9 @@ class Role(enum.StrEnum):
     HOST = "host"
     #: The git server's hook and the webhook listener: pushes.
     GIT = "git"
+    #: A Debian package repository's update hook (``deploybus package-notify``):
+    #: package updates, nothing else.
+    REPO = "repo"
 
 
 class Action(enum.StrEnum):
@@ -236,11 +239,80 @@ class CiBuild(Body):
     retrying: bool = False
 
 
-class PackageUpdate(Body):
-    """``package.update``: a Debian package the hosts care about changed."""
+#: Characters of an svn log message's first line an ``svn.commit`` carries.
+SVN_SUBJECT_CAP = 200
 
-    package: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9+.-]{0,99}$")]
-    version: Annotated[str, Meta(max_length=100)] | None = None
+
+class SvnCommit(Body):
+    """``svn.commit``: a revision was committed to a project's Subversion
+    repository (the post-commit hook, ``deploybus notify svn-commit``)."""
+
+    project: Name
+    revision: Annotated[int, Meta(ge=1)]
+    author: Annotated[str, Meta(max_length=200)] | None = None
+    #: When svn recorded the commit (ISO 8601), if svnlook said.
+    date: Time | None = None
+    #: The log message's first line, at most SVN_SUBJECT_CAP characters.
+    subject: Annotated[str, Meta(max_length=SVN_SUBJECT_CAP)] | None = None
+    #: Best effort: the repository path of the first trunk, branches/X or
+    #: tags/X a changed path is under (``trunk``, ``branches/x``,
+    #: ``proj/tags/v1``); None when no changed path is under one.
+    branch: Annotated[str, Meta(min_length=1, max_length=250)] | None = None
+    #: How many paths the revision changed (``svnlook changed``).
+    paths_changed: Count = 0
+
+
+#: A Debian package name (Debian policy 5.6.1, at most 100 characters).
+PackageName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9+.-]{0,99}$")]
+#: A Debian version: ``[epoch:]upstream[-revision]`` (policy 5.6.12).
+PackageVersion = Annotated[str, Meta(pattern=r"^[0-9][A-Za-z0-9.+~:-]{0,99}$")]
+#: A distribution (suite or codename) of a repository: ``bookworm``,
+#: ``stable``, ``bookworm-backports``, ``bookworm/updates``.
+Distribution = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,99}$")]
+
+
+class PackageUpdate(Body):
+    """``package.update``: a Debian package the hosts care about changed in a
+    repository (``deploybus package-notify`` from the repository's update
+    hook). The fetchers of the hosts that watch it refresh their package
+    lists; nothing is installed."""
+
+    package: PackageName
+    version: PackageVersion
+    distribution: Distribution | None = None
+
+
+class PackageRun(enum.StrEnum):
+    """How a fetcher's package-list command ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class UpdatedPackage(Body):
+    package: PackageName
+    version: PackageVersion
+    distribution: Distribution | None = None
+
+
+class PackageUpdated(Body):
+    """``package.updated``: a host's fetcher ran its package-list command
+    (``apt-get update``) once for a burst of ``package.update``; what it
+    ran for and how it ended."""
+
+    host: Name
+    packages: Annotated[list[UpdatedPackage], Meta(max_length=200)]
+    command: Annotated[str, Meta(max_length=2000)]
+    status: PackageRun
+    seconds: Annotated[float, Meta(ge=0)]
+    #: Updates in the burst beyond the ``packages`` listed.
+    omitted: Count = 0
+    #: None when there is none: the command timed out or could not start.
+    exit_code: int | None = None
+    #: The end of the command's output (stdout and stderr together).
+    output_tail: Text = ""
+    #: Why it failed without an exit code (timed out, could not start).
+    reason: Text | None = None
 
 
 class RolloutRequest(Body):
@@ -396,8 +468,10 @@ class Presence(Body):
 #: The body class of each message type.
 BODIES: dict[str, type[Body]] = {
     "git.push": GitPush,
+    "svn.commit": SvnCommit,
     "ci.build": CiBuild,
     "package.update": PackageUpdate,
+    "package.updated": PackageUpdated,
     "deploy.rollout": RolloutRequest,
     "deploy.control": Control,
     "deploy.request": DeployRequest,
@@ -411,8 +485,10 @@ BODIES: dict[str, type[Body]] = {
 #: refused, whatever the policy says.
 SENDERS: dict[str, frozenset[Role]] = {
     "git.push": frozenset({Role.GIT, Role.CI}),
+    "svn.commit": frozenset({Role.GIT, Role.CI}),
     "ci.build": frozenset({Role.CI}),
-    "package.update": frozenset({Role.CI, Role.GIT}),
+    "package.update": frozenset({Role.REPO, Role.CI, Role.GIT}),
+    "package.updated": frozenset({Role.HOST}),
     "deploy.rollout": frozenset({Role.PERSON, Role.WEB, Role.CI}),
     "deploy.control": frozenset({Role.PERSON, Role.WEB, Role.CI}),
     "deploy.request": frozenset({Role.ORCHESTRATOR}),
@@ -423,7 +499,7 @@ SENDERS: dict[str, frozenset[Role]] = {
 }
 
 #: Types whose body names the host that sent it: signed by that host's key.
-HOST_BOUND = frozenset({"deploy.progress", "deploy.result", "presence"})
+HOST_BOUND = frozenset({"deploy.progress", "deploy.result", "presence", "package.updated"})
 
 #: Types that make something happen: their ids are remembered until they
 #: expire, and a repeat is refused as a replay.
@@ -434,8 +510,10 @@ ACTIONS = frozenset({"deploy.rollout", "deploy.control", "deploy.request"})
 #: message as long as its sender waits for the answer: they set their own.
 TTL: dict[str, float] = {
     "git.push": 24 * 3600,
+    "svn.commit": 24 * 3600,
     "ci.build": 24 * 3600,
     "package.update": 24 * 3600,
+    "package.updated": 24 * 3600,
     "deploy.rollout": 3600,
     "deploy.control": 60,
     "deploy.request": 30,

@@ -21,6 +21,10 @@ PRESENCE = "presence"
 PING = "deploybus.ping"
 #: ``package.update`` for the fetcher's apt-get update.
 PACKAGES = "packages"
+#: ``package.updated``: what each host's fetcher ran for a burst of updates
+#: (a topic of its own, so that no fetcher's queue on ``packages`` gets every
+#: other host's report).
+PACKAGES_UPDATED = "packages.updated"
 
 
 def requests_for(host: str) -> str:
@@ -36,6 +40,13 @@ def fetcher_queue(host: str) -> str:
     return f"fetcher-{host}"
 
 
+def fetcher_packages_queue(host: str) -> str:
+    """The fetcher's durable queue on :data:`PACKAGES` (only on hosts that
+    watch packages). Not ``fetcher-packages-<host>``: that is the git queue
+    of a host named ``packages-<host>``."""
+    return f"packages-{host}"
+
+
 #: Durable queues of the orchestrator.
 ORCHESTRATOR_ROLLOUTS = "orchestrator-rollouts"
 ORCHESTRATOR_EVENTS = "orchestrator-events"
@@ -46,3 +57,6 @@ ORCHESTRATOR_CI = "orchestrator-ci"
 ORCHESTRATOR_PUSHES = "orchestrator-pushes"
 #: Durable queue of the CI bridge on git.commits.
 CI_BRIDGE = "ci-bridge"
+#: Durable queues of the notifier: rollout statuses, and CI builds.
+NOTIFIER_STATUS = "notifier-status"
+NOTIFIER_CI = "notifier-ci"

@@ -189,6 +189,8 @@ def create_app(ctx: Context, store: Store, *, healthy: Callable[[], bool] = lamb
         if cached and time.monotonic() - cached[0] < TAG_CACHE_SECONDS:
             return cached[1]
         pc = ctx.config.projects[project]
+        if pc.vcs != "git":
+            return []  # an svn URL: no git tags to list (svn projects do not deploy yet)
         try:
             out = str(git.cmd.Git().ls_remote("--tags", "--refs", "--", pc.git))
         except (git.CommandError, OSError):  # its message may quote the URL: not shown

@@ -84,7 +84,7 @@ class CiBridge(Service):
                                  "(--key or keys.signing)")
         self.thread.start()
         self.dispatcher.subscribe(topics.GIT_COMMITS, self.on_push, queue=topics.CI_BRIDGE,
-                                  types={"git.push"})
+                                  types={"git.push", "svn.commit"})
         self.log.info("ci bridge ready", servers=sorted(self.ctx.config.ci_servers))
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
@@ -103,7 +103,8 @@ class CiBridge(Service):
     def on_push(self, msg: Message, _d: Delivery) -> None:
         """Record the build a push asks for; the push is acked when this returns."""
         body = msg.body
-        assert isinstance(body, protocol.GitPush)
+        if not isinstance(body, protocol.GitPush):
+            return  # svn.commit shares git.commits; svn projects have no CI builds (yet)
         pc = self.ctx.config.projects.get(body.project)
         if pc is None or pc.ci is None or body.deleted or not body.new or body.new == ZERO:
             return

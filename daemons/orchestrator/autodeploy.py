@@ -80,7 +80,8 @@ class AutoDeploy:
 
     def on_push(self, msg: Message) -> None:
         body = msg.body
-        assert isinstance(body, protocol.GitPush)
+        if not isinstance(body, protocol.GitPush):
+            return  # svn.commit shares git.commits; svn projects are not deployable (yet)
         if body.deleted or not body.new or body.new == ZERO:
             return
         for ec in self.environments(body.project, body.ref, "push"):

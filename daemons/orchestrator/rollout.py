@@ -267,7 +267,10 @@ class RolloutRun:
         phases = self.strategy.phases(self.hosts)
         self._status(RolloutState.PAUSED if self.paused else RolloutState.RUNNING,
                      hosts=self.hosts, phases=phases, strategy=self.strategy.to_dict(),
-                     ref=self.ref, commit=self.commit)
+                     # a rollback's "ref" is the store's label (rollback:previous),
+                     # not a ref: a status carrying it would be refused as invalid
+                     ref=self.ref if self.action is Action.DEPLOY else None,
+                     commit=self.commit)
         for i, phase in enumerate(phases):
             todo = [h for h in phase if steps.get(h, {}).get("state") not in SETTLED_STEPS]
             failures += self._phase(i, todo, failures)

@@ -100,7 +100,8 @@ class Orchestrator(Service):
         if "push" in ons:
             self.dispatcher.subscribe(topics.GIT_COMMITS,
                                       lambda msg, _d: self.autodeploy.on_push(msg),
-                                      queue=topics.ORCHESTRATOR_PUSHES, types={"git.push"})
+                                      queue=topics.ORCHESTRATOR_PUSHES,
+                                      types={"git.push", "svn.commit"})
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
         self.dispatcher.close(timeout)

@@ -25,7 +25,8 @@ def keys() -> None:
 @keys.command("generate")
 @click.argument("name")
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path())
-@click.option("--role", type=click.Choice(["person", "web", "ci", "orchestrator", "host", "git"]),
+@click.option("--role", type=click.Choice(["person", "web", "ci", "orchestrator", "host", "git",
+                                          "repo"]),
               default=None, help="What the key is for; prints the keys.trusted entry to add.")
 def keys_generate(name: str, directory: str, role: str | None) -> None:
     """Create NAME.key (private, 0600) and NAME.pub in DIR.
@@ -33,7 +34,8 @@ def keys_generate(name: str, directory: str, role: str | None) -> None:
     Every message on the bus is signed, and a key's role says what it may
     sign: person (deploybus deploy, rollback and the control commands), web,
     ci, orchestrator, host (one per host: its daemons' heartbeats and
-    results; name it after the host) and git (the post-receive hook).
+    results; name it after the host), git (the post-receive hook) and repo
+    (a Debian repository's hook: package-notify, nothing else).
     """
     from deploybus.refs import NAME_RE
     from deploybus.signing import SigningKey
@@ -117,6 +119,38 @@ def hook_install(state: State, repo: str, project: str, outbox: str | None,
         click.echo(f"deploybus: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     click.echo(f"installed {path}")
+
+
+@hook.command("install-svn")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--project", required=True, help="Project the repository belongs to (its "
+                                               "projects.<name>.svn).")
+@click.option("--key", "svn_key", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Private key (role git) the hook signs with; default: the global --key, "
+                   "else keys.signing.")
+@click.option("--force", is_flag=True, help="Replace a post-commit hook not written by us.")
+@pass_state
+def hook_install_svn(state: State, repo: str, project: str, svn_key: str | None,
+                     force: bool) -> None:
+    """Install the post-commit hook into Subversion repository REPO (the
+    directory `svnadmin create` made, on the svn server). Each committed
+    revision is published as a signed svn.commit on git.commits; hosts'
+    fetchers then export it. The hook never fails or holds up a commit."""
+    from deploybus.daemons.git_listener.svn import install
+    cfg = state.config
+    key = svn_key or state.key_path
+    try:
+        path = install(Path(repo), project=project, config=cfg.path, force=force,
+                       key=Path(key) if key else None)
+    except DeployBusError as exc:
+        click.echo(f"deploybus: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    pc = cfg.projects.get(project)
+    if pc is None or pc.vcs != "svn":
+        click.echo(f"deploybus: warning: {cfg.path} has no svn project {project!r} "
+                   f"({'it is a git project' if pc else 'no such project'}): fetchers will "
+                   "not export its commits", err=True)
+    click.echo(f"installed {path} (svn post-commit hook for {project})")
 
 
 @cli.group()
@@ -221,6 +255,74 @@ def notify_push(state: State, project: str, push_key: str | None) -> None:
 
 
 
+@notify.command("svn-commit")
+@click.option("--project", required=True)
+@click.option("--key", "commit_key", default=None, help="Key to sign with (as the global --key).")
+@click.option("--svnlook", default="svnlook", show_default=True,
+              help="The svnlook program (the hook gives its absolute path: svn runs hooks "
+                   "without PATH).")
+@click.argument("repos")
+@click.argument("rev")
+@pass_state
+def notify_svn_commit(state: State, project: str, commit_key: str | None, svnlook: str,
+                      repos: str, rev: str) -> None:
+    """Publish a signed svn.commit for revision REV of the Subversion
+    repository at REPOS (the post-commit hook of `hook install-svn` runs
+    this). It never fails: whatever goes wrong, including no answer within
+    10 s, is one warning line on stderr and exit 0."""
+    import os
+    import threading
+
+    from deploybus import redact
+    from deploybus.daemons.git_listener import svn
+
+    def warn(why: object) -> None:
+        line = " ".join(redact.text(str(why)).split())[:500]
+        sys.stderr.write(f"deploybus: warning: svn.commit r{rev} of {project} not "
+                         f"published: {line}\n")
+        sys.stderr.flush()
+
+    def give_up() -> None:
+        warn(f"no answer within {svn.HOOK_DEADLINE:.0f}s")
+        os._exit(0)  # the commit is done; never hold the committer
+
+    timer = threading.Timer(svn.HOOK_DEADLINE, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        body = svn.commit_body(Path(repos), int(rev), project, svnlook=svnlook)
+        cfg = configmod.load(state.config_path)
+        path = commit_key or state.key_path
+        key = cfg.load_signing_key(path=Path(path).resolve() if path else None)
+        from deploybus import topics
+        from deploybus.bus import connect
+        from deploybus.outbox import Event, Outbox, drain, drain_lock
+        # the outbox first: a commit made while the broker is down is queued,
+        # and goes out with the next commit's hook (or a listener's drainer)
+        with Outbox(cfg.outbox_path()) as box:
+            box.add([Event(topics.GIT_COMMITS, "svn.commit", body)], source="svn-hook",
+                    delivery=f"svn:{project}:{int(rev)}")
+            with drain_lock(box.path) as held:
+                if held:
+                    bus = connect(cfg.bus_url, client_name=f"svn-hook-{project}",
+                                  publish_timeout=HOOK_PUBLISH_TIMEOUT)
+                    try:
+                        drain(box, bus, key=key, sender=f"svn-hook@{socket.gethostname()}")
+                    except DeployBusError as exc:
+                        sys.stderr.write(f"deploybus: svn.commit r{rev} of {project} queued "
+                                         f"for the bus ({exc})\n")
+                        return
+                    finally:
+                        bus.close()
+        click.echo(f"deploybus: published svn.commit r{rev} for {project}", err=True)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        # Never fail the commit (it is made): the fetchers export the
+        # youngest revision on their next start.
+        warn(exc)
+    finally:
+        timer.cancel()
+
+
 @notify.command("build")
 @click.option("--project", required=True)
 @click.option("--job", required=True, help="The CI job's name.")
@@ -265,3 +367,53 @@ def notify_build(state: State, project: str, job: str, number: int, commit: str,
                                                     correlation=event.build))
     click.echo(f"ci.build {event.build} {build_state}"
                + (f" {result}" if result else "") + f" published for {project} {commit[:12]}")
+
+
+@cli.command("package-notify")
+@click.argument("package")
+@click.argument("version")
+@click.option("--distribution", default=None, metavar="D",
+              help="The repository's distribution (codename or suite) it went into.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to get the message onto the bus before giving up.")
+@pass_state
+def package_notify(state: State, package: str, version: str, distribution: str | None,
+                   timeout: float) -> None:
+    """Publish a signed package.update: PACKAGE is now at VERSION in this
+    Debian repository. For the repository's update hook (reprepro Log:
+    notifier, aptly publish script; docs/architecture.md "Package
+    updates"): the fetchers of the hosts that watch PACKAGE refresh their
+    package lists (apt-get update; nothing is installed).
+
+    Signs with --key (or keys.signing): a repo key (`keys generate NAME
+    --role repo`), which may send package updates and nothing else. Exits
+    69 when the bus cannot be reached (nothing was sent), 2 when PACKAGE,
+    VERSION or D is not a valid Debian name or version.
+    """
+    from deploybus import protocol, topics
+    from deploybus.bus import connect
+    from deploybus.errors import BusAuthError, BusError, EnvelopeError
+    from deploybus.exits import EXIT_UNAVAILABLE
+    fields = {"package": package, "version": version}
+    if distribution is not None:
+        fields["distribution"] = distribution
+    try:
+        body = protocol.parse("package.update", fields)
+    except EnvelopeError as exc:
+        raise click.UsageError(f"not a valid Debian package update: {exc}") from None
+    cfg = state.config
+    key = state.signing_key()
+    what = f"package.update {package} {version}" + (f" ({distribution})" if distribution else "")
+    try:
+        with connect(cfg.bus_url, client_name=f"package-notify-{package}",
+                     publish_timeout=timeout) as bus:
+            bus.publish(topics.PACKAGES, protocol.seal(
+                body, key=key, sender=f"package-notify@{socket.gethostname()}"))
+    except BusAuthError:
+        raise  # the CLI's answer to refused credentials: exit 78, naming the config
+    except BusError as exc:
+        from deploybus.bus import redact
+        click.echo(f"deploybus: {what} NOT sent: bus unavailable ({redact(cfg.bus_url)}): "
+                   f"{exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    click.echo(f"{what} published")

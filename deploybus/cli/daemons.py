@@ -127,3 +127,11 @@ def up(port: int, bind: str, data: str) -> None:
     sys.exit(allinone.run(Path(data), bind=bind, port=port))
 
 
+@cli.command()
+@pass_state
+def notifier(state: State) -> None:
+    """Run the notifier: rollout and CI outcomes -> webhooks and email (projects.<p>.notify)."""
+    from deploybus.daemons.notifier.service import Notifier
+    _setup_logging()
+    ctx = _context(state, None, daemon="notifier")
+    _run("notifier", ctx, [Notifier(ctx)])

@@ -38,6 +38,8 @@ ALLOWED = {
     # thread. Were it a DeployBusError, the `except DeployBusError` of a
     # daemon loop would swallow a shutdown.
     ("daemons/orchestrator/rollout.py", "Stopping"): "Exception",
+    # The same, for the notifier's handler waiting on its database.
+    ("daemons/notifier/service.py", "_Stopping"): "Exception",
 }
 
 BUILTIN_EXCEPTIONS = {name for name, obj in vars(builtins).items()
