@@ -20,6 +20,30 @@ RABBIT_AMQP = ("127.0.0.1", 5672)
 RABBIT_STOMP = ("127.0.0.1", 61613)
 ACTIVEMQ_STOMP = ("127.0.0.1", int(os.environ.get("DEPLOYBUS_ACTIVEMQ_STOMP_PORT", "61614")))
 
+#: The kind of test each folder named after a kind holds; a test in a
+#: component's folder (tests/agent, tests/ci...) says its kind itself
+#: (docs/testing.md).
+KINDS = ("unit", "integration", "contract", "e2e", "fault", "browser")
+KIND_FOLDERS = {"unit": "unit", "integration": "integration", "contract": "contract",
+                "e2e": "e2e", "faults": "fault", "browser": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test its kind marker: from a kind's folder, or its own
+    mark in a component's folder (missing: an error naming the test)."""
+    unmarked = []
+    for item in items:
+        folder = item.path.parent.name
+        if folder in KIND_FOLDERS:
+            item.add_marker(KIND_FOLDERS[folder])
+        elif not any(item.get_closest_marker(k) for k in KINDS):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError(
+            "tests without a kind (mark the module: pytestmark = pytest.mark.<kind>, one of "
+            f"{', '.join(KINDS)}; docs/testing.md): {', '.join(unmarked[:10])}")
+
+
 HOW_TO_START = "start the brokers with `make brokers` (runs scripts/setup-brokers.sh as root)"
 
 #: The broker paths every transport-level test runs on.

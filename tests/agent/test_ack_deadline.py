@@ -32,7 +32,7 @@ import pytest
 from deploybus.bus import connect
 from tests.agent.harness import AgentProcess, Events, Site, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.broker]
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"

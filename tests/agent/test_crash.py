@@ -50,7 +50,7 @@ from tests.agent.harness import (
 from tests.conftest import broker_url
 from tests.e2e.cluster import git
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker]
+pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.broker]
 
 SCRIPT_POINTS = {"pre": "pre", "post": "post", "health": "health",
                  "post_switch": "post_switch"}

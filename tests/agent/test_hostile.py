@@ -25,6 +25,8 @@ from deploybus.errors import RefError
 from deploybus.refs import check_ref
 from deploybus.signing import SigningKey
 
+pytestmark = pytest.mark.unit
+
 HOSTILE_REFS = [
     "--upload-pack=touch /tmp/pwned", "-c", "--output=/etc/passwd", "../..", "../../etc/passwd",
     "v1/../../x", "refs/../../../x", "v1..v2", "@{-1}", "v1@{upstream}", "HEAD~1", "v1^",

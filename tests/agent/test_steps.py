@@ -17,6 +17,8 @@ import pytest
 from deploybus import envelope
 from tests.agent.harness import process_gone, wait_until
 
+pytestmark = pytest.mark.unit
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deploybus import gitutil
 from deploybus.layout import Layout
 from tests.agent.harness import Repo, wait_until
 from tests.e2e.cluster import git
+
+pytestmark = pytest.mark.unit
 
 SWITCHES = 1000
 

@@ -24,6 +24,8 @@ from deploybus.runner import Context
 from deploybus.signing import SigningKey
 from deploybus.store import Store
 
+pytestmark = pytest.mark.integration
+
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
 

@@ -28,6 +28,8 @@ from deploybus.runner import Context
 from deploybus.signing import SigningKey
 from deploybus.store import Store
 
+pytestmark = pytest.mark.integration
+
 
 class Scripted(Backend):
     """A CI server the test steers: builds queue, start and finish when told."""

@@ -24,6 +24,8 @@ from deploybus.daemons.ci_bridge.backend import (
 from deploybus.daemons.ci_bridge.jenkins import JenkinsBackend
 from tests.ci.fake_jenkins import WAITING, FakeJenkins
 
+pytestmark = pytest.mark.unit
+
 COMMIT = "3f786850e387550fdab836ed7e6dc881de23001b"
 PARAMS = {"COMMIT": COMMIT, "REF": "refs/heads/main"}
 

@@ -24,6 +24,8 @@ from daemons.git_listener import forges
 from daemons.git_listener.forges import FORGES, ZERO, Delivery, WebhookError
 from deploybus import protocol
 
+pytestmark = pytest.mark.unit
+
 PAYLOADS = Path(__file__).parent / "payloads"
 SECRET = b"s3cret-for-tests"
 

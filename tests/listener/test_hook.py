@@ -21,7 +21,7 @@ from deploybus.outbox import Outbox
 from tests.conftest import broker_url
 from tests.e2e.cluster import Cluster, git, wait_for
 
-pytestmark = [pytest.mark.broker]
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 DEAD = "amqp://guest:guest@127.0.0.1:1//"
 

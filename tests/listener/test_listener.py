@@ -30,6 +30,8 @@ from deploybus.outbox import Outbox
 from deploybus.runner import Context
 from deploybus.signing import SigningKey
 
+pytestmark = pytest.mark.unit
+
 PAYLOADS = Path(__file__).parent / "payloads"
 SECRET = b"It's a Secret to Everybody"
 

@@ -16,6 +16,8 @@ from deploybus.errors import BusConnectionError
 from deploybus.outbox import Event, Outbox, drain, drain_lock
 from deploybus.signing import SigningKey
 
+pytestmark = pytest.mark.unit
+
 ZERO = "0" * 40
 
 

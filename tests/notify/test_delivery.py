@@ -20,6 +20,8 @@ from deploybus.runner import Context, Stats
 from tests.notify.conftest import SECRET, Site
 from tests.notify.harness import free_port, wait_for
 
+pytestmark = pytest.mark.unit
+
 
 def only_json(r: str, extra: str = "") -> dict[str, str]:
     return {"app": f"""

@@ -3,9 +3,12 @@ the real orchestrator's statuses go through in test_outcomes.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from deploybus.daemons.notifier import events
 from deploybus.protocol import BuildState, CiBuild, ControlAction, RolloutState, RolloutStatus
 
+pytestmark = pytest.mark.unit
 AT = "2026-01-01T00:00:00Z"
 COMMIT = "a" * 40
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.notify.conftest import SECRET, Site
 from tests.notify.harness import wait_for
 
+pytestmark = pytest.mark.unit
 #: The orchestrator's first status of a rollback rollout carries ``ref:
 #: "rollback:previous"``, which protocol.Ref refuses (no ":"): every reader
 #: dead-letters it, so a person's rollback has no "started" notification

@@ -39,6 +39,8 @@ from deploybus.signing import SigningKey
 from tests.conftest import broker_url
 from tests.e2e.cluster import Cluster, wait_for
 
+pytestmark = pytest.mark.e2e
+
 TOOLS = ("apt-get", "dpkg-deb", "dpkg-scanpackages")
 
 

@@ -28,6 +28,8 @@ from tests.agent import conftest as agent_conftest
 from tests.agent.harness import Repo
 from tests.e2e.cluster import git
 
+pytestmark = pytest.mark.unit
+
 #: The agent tests' fixture: a site, its in-process agent and a bus to it.
 harness = agent_conftest.harness
 

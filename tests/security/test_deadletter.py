@@ -42,6 +42,8 @@ from deploybus.runner import Stats
 from deploybus.signing import Signer
 from tests.conftest import REAL_BROKERS, broker_url
 
+pytestmark = pytest.mark.integration
+
 TOPIC = "deploy.requests.web1"
 QUEUE = "agent-web1"
 WAIT = 30.0

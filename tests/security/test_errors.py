@@ -26,6 +26,8 @@ from deploybus.store import Store
 from tests.conftest import require
 from tests.faults.proxy import FaultProxy
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 PG = ("127.0.0.1", 5432)
 

@@ -29,6 +29,8 @@ from deploybus.store import Store
 from tests.agent import conftest as agent_conftest
 from tests.unit.conftest import OrchestratorSetup, orchestrator_config  # noqa: F401
 
+pytestmark = pytest.mark.integration
+
 #: The agent tests' fixture: a site, its in-process agent and a bus to it.
 harness = agent_conftest.harness
 

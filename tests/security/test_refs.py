@@ -17,6 +17,8 @@ import pytest
 from deploybus import gitutil
 from deploybus.errors import DeployBusError, DeployError, RefError
 
+pytestmark = pytest.mark.unit
+
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
 

@@ -17,6 +17,8 @@ import structlog
 from deploybus import log, redact
 from deploybus.bus import redact as bus_redact
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("raw, shown", [
     # GitHub: a token as the user, or as the password of x-access-token / a name

@@ -24,6 +24,8 @@ from deploybus.frontend.app import create_app
 from deploybus.runner import Context
 from tests.browser.test_api import Web
 
+pytestmark = pytest.mark.unit
+
 #: The secret every test here tries to leak.
 TOKEN = "ghp_" + "S3cr3tT0k3n" * 3
 

@@ -38,6 +38,8 @@ from deploybus.signing import SigningKey
 from tests.conftest import broker_url
 from tests.e2e.cluster import Daemon, wait_for
 
+pytestmark = pytest.mark.e2e
+
 USER = "alice"
 
 
