@@ -240,6 +240,15 @@ class DeployAgent(Service):
         else:
             self.log.info("request already accepted and in progress; not running it again",
                           rollout=body.rollout, id=msg.env.id, state=state)
+            # the running job's progress and result answer this request now:
+            # the orchestrator that sent it (restarted) knows no other id
+            if not self.workers.readdress(key, msg.env.id):
+                # it finished meanwhile: its result is in the journal now
+                entry = self.journal.get(key) or entry
+                if entry.get("state") == DONE:
+                    self.publish("deploy.result", (entry.get("result") or {})
+                                 | {"request_id": msg.env.id, "duplicate": True})
+                    return
             job.base["request_id"] = msg.env.id
             self.acknowledge(job, "already accepted; in progress")
 

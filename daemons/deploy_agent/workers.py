@@ -116,6 +116,19 @@ class Workers:
             running = [self._running[project].rollout] if project in self._running else []
             return running + [j.rollout for j in self._queues.get(project, ())]
 
+    def readdress(self, key: str, request_id: str) -> bool:
+        """The job of journal key ``key``, running or waiting, answers
+        ``request_id`` from now on (an orchestrator that restarted asked
+        again, and counts only answers to what it sent). False: no such job
+        here any more."""
+        with self._cond:
+            jobs = [*self._running.values(), *(j for q in self._queues.values() for j in q)]
+            for job in jobs:
+                if job.key == key:
+                    job.base["request_id"] = request_id
+                    return True
+        return False
+
     def enqueue(self, job: Job) -> None:
         with self._cond:
             self._queues.setdefault(job.project, deque()).append(job)
