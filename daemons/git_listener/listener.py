@@ -77,8 +77,7 @@ class Listener(Service):
                                     threads=8, ident="deploybus",
                                     max_request_body_size=cfg.listener.max_body + 1)
         self.port = int(self.server.effective_port)  # type: ignore[union-attr]
-        self._http = threading.Thread(target=self.server.run, daemon=True,
-                                      name="listener-http")
+        self._http = threading.Thread(target=self._serve, daemon=True, name="listener-http")
         self._drainer = threading.Thread(target=self._drain_loop, daemon=True,
                                          name="listener-drain")
 
@@ -93,6 +92,14 @@ class Listener(Service):
     def queued(self) -> None:
         """Events were added: publish them now rather than at the next poll."""
         self._wake.set()
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except OSError:
+            # stop() closes the sockets under waitress's select(): expected then
+            if not self._stopping.is_set():
+                raise
 
     # -- the drainer -------------------------------------------------------
 
@@ -144,9 +151,9 @@ class Listener(Service):
                       outbox=str(self.outbox_path))
 
     def stop(self, timeout: float = STOP_GRACE) -> None:
+        self._stopping.set()
         self.server.close()
         self._http.join(timeout)
-        self._stopping.set()
         self._wake.set()
         self._drainer.join(timeout)
 
