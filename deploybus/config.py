@@ -22,14 +22,17 @@ Layout (every key is documented in docs/configuration.md)::
                           strategy: {..},
                           windows: {timezone, allow, deny},
                           haproxy: {socket, backend, servers, drain_timeout}}}
+    include:      [glob, ..]                 # files that add projects: and environments:
 
-Relative paths are taken relative to the directory of the config file.
+Relative paths are taken relative to the directory of the file they are in
+(the config file, or the included file).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,11 @@ HEALTH_KEYS = ("command", "url", "retries", "interval", "timeout")
 
 #: Keys of a project's ``output`` mapping.
 OUTPUT_KEYS = ("interval", "lines", "line_chars", "max_bytes")
+
+#: Top-level keys an included file (``include:``) may have: each of its
+#: entries is added to the including file's, and a name defined twice is
+#: refused.
+INCLUDE_KEYS = ("projects", "environments")
 
 
 @dataclass
@@ -322,6 +330,8 @@ class Config:
     outbox: Path | None = None
     listener: Listener = field(default_factory=Listener)
     smtp: Smtp | None = None
+    #: Files ``include:`` added projects and environments from, in the order read.
+    included: list[Path] = field(default_factory=list)
 
     def host(self, name: str) -> HostConfig:
         """Settings of host ``name``, defaults filled in."""
@@ -379,6 +389,11 @@ class _Checker:
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         self.lines: dict[tuple[str, ...], int] = {}
+        #: Entries that came from an included file: their key -> that file
+        #: (errors name it, relative paths are taken from its directory).
+        self.files: dict[tuple[str, ...], Path] = {}
+        #: The files include: named, in the order they were read.
+        self.included: list[Path] = []
         # One parse gives both the nodes (with their lines) and the data;
         # libyaml's loader when PyYAML has it.
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
@@ -409,14 +424,23 @@ class _Checker:
                 self.lines[at + (str(i),)] = v.start_mark.line + 1
                 self._index(v, at + (str(i),))
 
+    def file_of(self, at: tuple[str, ...]) -> Path:
+        """The file the key ``at`` is written in: an included file's entries
+        (and everything under them) are in that file, the rest in this one."""
+        for n in range(len(at), 0, -1):
+            f = self.files.get(at[:n])
+            if f is not None:
+                return f
+        return self.path
+
     def fail(self, at: tuple[str, ...], message: str) -> ConfigError:
         line = None
         probe = at
         while probe and line is None:
             line = self.lines.get(probe)
             probe = probe[:-1]
-        return ConfigError(message, path=str(self.path), line=line or self.lines.get(()),
-                           key=".".join(at) or None)
+        return ConfigError(message, path=str(self.file_of(at)),
+                           line=line or self.lines.get(()), key=".".join(at) or None)
 
     def mapping(self, value: Any, at: tuple[str, ...], allowed: tuple[str, ...] | None) -> dict:
         if value is None:
@@ -456,7 +480,89 @@ class _Checker:
 
     def path_value(self, value: Any, at: tuple[str, ...]) -> Path:
         p = Path(os.path.expanduser(self.string(value, at)))
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
+        return p if p.is_absolute() else (self.file_of(at).parent / p).resolve()
+
+    def include(self, overrides: Mapping[Path, str]) -> None:
+        """Add the ``projects`` and ``environments`` of the files ``include:``
+        names (globs, in name order) to this file's, remembering which file
+        and line each entry came from. ``overrides``: included files to read
+        from the given text instead of the disk (a file that is about to be
+        written: ``deploybus config check --include-candidate``)."""
+        import fnmatch
+        import glob
+        data = self.data
+        overrides = {Path(k).resolve(): v for k, v in overrides.items()}
+        if not isinstance(data, dict) or data.get("include") is None:
+            if overrides:
+                raise ConfigError(f"{', '.join(map(str, overrides))} is not included: the "
+                                  f"file has no include: key", path=str(self.path))
+            return
+        at: tuple[str, ...] = ("include",)
+        raw = data["include"]
+        patterns = [(at, raw)] if isinstance(raw, str) else \
+            [(at + (str(i),), v) for i, v in enumerate(self.strings(raw, at))]
+        me = self.path.resolve()
+        files: dict[Path, tuple[str, ...]] = {}
+        unused = set(overrides)
+        for where, pattern in patterns:
+            full = self.path_value(pattern, where).resolve()
+            if glob.has_magic(str(full)):
+                found = [Path(m).resolve() for m in glob.glob(str(full)) if os.path.isfile(m)]
+                # a file about to be written is included if the pattern would find it
+                found += [p for p in overrides if p not in found
+                          and fnmatch.fnmatchcase(str(p), str(full))
+                          and (not p.name.startswith(".") or full.name.startswith("."))]
+            elif full in overrides or full.is_file():
+                found = [full]
+            else:
+                raise self.fail(where, f"cannot read {full}: no such file (a pattern such as "
+                                       f"conf.d/*.yaml may match nothing; a file name must "
+                                       f"exist)")
+            for f in sorted(found):
+                if f == me:
+                    raise self.fail(where, f"{f} is this file itself; include other files "
+                                           f"(e.g. conf.d/*.yaml)")
+                files.setdefault(f, where)
+                unused.discard(f)
+        if unused:
+            raise self.fail(at, f"{', '.join(map(str, sorted(unused)))} is not matched by "
+                                f"any include: pattern, so it would not be read")
+        for f, where in files.items():
+            if f in overrides:
+                text = overrides[f]
+            else:
+                try:
+                    text = f.read_text()
+                except OSError as exc:
+                    raise self.fail(where, f"cannot read {f}: {exc.strerror}") from None
+            self._merge(_Checker(f, text))
+            self.included.append(f)
+
+    def _merge(self, sub: _Checker) -> None:
+        data = self.data
+        assert isinstance(data, dict)
+        top = sub.mapping(sub.data, (), INCLUDE_KEYS)
+        for section in INCLUDE_KEYS:
+            entries = sub.mapping(top.get(section), (section,), None)
+            if not entries:
+                continue
+            target = data.get(section)
+            if target is None:
+                target = data[section] = {}
+            elif not isinstance(target, dict):
+                raise self.fail((section,), f"expected a mapping, got {type(target).__name__}")
+            for name, value in entries.items():
+                key = (section, str(name))
+                if name in target:
+                    first = self.lines.get(key)
+                    raise sub.fail(key, f"already defined in {self.file_of(key)}"
+                                        f"{f':{first}' if first else ''}; a name may be "
+                                        f"defined once")
+                target[name] = value
+                self.files[key] = sub.path
+                for k, line in sub.lines.items():
+                    if k[:2] == key:
+                        self.lines[k] = line
 
 
 def _key_hint(path: Path) -> str:
@@ -491,24 +597,37 @@ def _yaml_error(exc: yaml.YAMLError, path: Path, text: str) -> ConfigError:
     return ConfigError(f"not valid YAML: {problem}", path=str(path), line=line)
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and check the config file at ``path``."""
+def load(path: str | os.PathLike[str], *,
+         overrides: Mapping[Path, str] | None = None) -> Config:
+    """Read and check the config file at ``path`` and the files it includes
+    (``overrides``: included files to take from the given text instead)."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", path=str(p)) from None
-    return parse(text, p)
+    return parse(text, p, overrides=overrides)
 
 
-def parse(text: str, path: Path) -> Config:
+def check_included(path: Path, text: str) -> Config:
+    """Check ``text``, to be written to ``path``, as an included file on its
+    own (the file that will include it does not exist yet)."""
+    import json
+    path = Path(path).resolve()
+    return parse(f"include: [{json.dumps(str(path))}]\n", path.parent / "(included alone)",
+                 overrides={path: text})
+
+
+def parse(text: str, path: Path, *, overrides: Mapping[Path, str] | None = None) -> Config:
     from deploybus.protocol import Role
     from deploybus.signing import REQUESTERS, PolicyRule, TrustedKey, key_id, parse_public
 
     c = _Checker(path, text)
+    c.include(overrides or {})
     top = c.mapping(c.data, (), ("bus", "keys", "state", "outbox", "listener", "smtp", "web",
-                                 "ci", "defaults", "hosts", "projects", "environments"))
-    cfg = Config(path=path)
+                                 "ci", "defaults", "hosts", "projects", "environments",
+                                 "include"))
+    cfg = Config(path=path, included=c.included)
 
     bus = c.mapping(top.get("bus"), ("bus",), ("url", "prefetch"))
     if "url" in bus:

@@ -52,6 +52,21 @@ def keys_generate(name: str, directory: str, role: str | None) -> None:
                    f"    {name}: {{key: {Path(pub).resolve()}, role: {role}}}")
 
 
+@keys.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def keys_check(file: str) -> None:
+    """Check that FILE is a private key deploybus can sign with (PEM ed25519,
+    as `keys generate` writes it); print its key id. Exits 78 if it is not
+    (configuration management checks a key before it writes it)."""
+    from deploybus.signing import SigningKey
+    try:
+        key = SigningKey.load(file)
+    except ConfigError as exc:
+        click.echo(f"deploybus: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"{file}: ok: ed25519 private key {key.id}")
+
+
 @cli.group("config")
 def config_group() -> None:
     """Configuration file."""
@@ -59,16 +74,51 @@ def config_group() -> None:
 
 @config_group.command("check")
 @click.argument("file", required=False)
+@click.option("--include-candidate", "candidate", nargs=2, default=None,
+              metavar="INCLUDED CANDIDATE",
+              help="Check FILE as if its included file INCLUDED (which need not exist yet, "
+                   "but must match an include: pattern) held CANDIDATE's content: a conf.d "
+                   "file checked before it is written (Puppet's validate_cmd). When FILE "
+                   "does not exist yet, CANDIDATE is checked on its own.")
+@click.option("--as", "as_path", default=None, metavar="PATH",
+              help="Check FILE as though it were PATH: relative paths and include: patterns "
+                   "from PATH's directory, errors naming PATH (FILE is a candidate for PATH, "
+                   "as Puppet's validate_cmd checks one before it replaces PATH).")
 @pass_state
-def config_check(state: State, file: str | None) -> None:
-    """Check FILE (default: --config) and the key files it names; say what it defines.
+def config_check(state: State, file: str | None, candidate: tuple[str, str] | None,
+                 as_path: str | None) -> None:
+    """Check FILE (default: --config), the files it includes and the key files
+    it names; say what it defines.
 
     Exits 78 with the file, line and key of the first error: a key that
     cannot be read is found here, not by the first deploy.
     """
     path = file or state.config_path
+    if as_path is not None and candidate is not None:
+        raise click.UsageError("give --as or --include-candidate, not both")
     try:
-        cfg = configmod.load(path)
+        if as_path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+            path = as_path
+            cfg = configmod.parse(text, Path(as_path))
+        elif candidate is not None:
+            included, source = candidate
+            try:
+                text = Path(source).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+            if not Path(path).exists():
+                cfg = configmod.check_included(Path(included), text)
+                click.echo(f"{included}: ok on its own ({path} does not exist yet): "
+                           f"{len(cfg.projects)} project(s), {len(cfg.environments)} "
+                           f"environment(s)")
+                return
+            cfg = configmod.load(path, overrides={Path(included): text})
+        else:
+            cfg = configmod.load(path)
         key = cfg.load_signing_key() if cfg.signing_key is not None else None
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
@@ -87,7 +137,8 @@ def config_check(state: State, file: str | None) -> None:
     click.echo(f"{path}: ok: bus {redact(cfg.bus_url)}, {len(cfg.projects)} project(s), "
                f"{len(cfg.environments)} environment(s), "
                f"{len({h for e in cfg.environments.values() for h in e.hosts})} host(s), "
-               f"{len(cfg.trusted)} trusted key(s)")
+               f"{len(cfg.trusted)} trusted key(s)"
+               f"{f', {len(cfg.included)} included file(s)' if cfg.included else ''}")
 
 
 @cli.group()
