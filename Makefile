@@ -6,7 +6,7 @@ PORT    ?= 8080
 DATA    ?= ./deploybus-data
 PYTEST_ARGS ?=
 
-.PHONY: help venv install demo brokers test test-unit test-contract test-e2e lint typecheck bench clean
+.PHONY: help venv install demo brokers test test-unit test-contract test-e2e test-packaging lint typecheck bench clean deb wheelhouse
 
 help:
 	@echo "make demo     - create .venv, install, run 'deploybus up' on http://127.0.0.1:$(PORT)/"
@@ -14,6 +14,8 @@ help:
 	@echo "make brokers  - install/configure/start RabbitMQ (AMQP+STOMP) and ActiveMQ (root)"
 	@echo "make lint     - ruff;  make typecheck - mypy"
 	@echo "make bench    - bench/fanout.py at N=10"
+	@echo "make deb      - deploybus-agent and deploybus-server .debs in packaging/dist/ (offline;"
+	@echo "                DEB_VERSION=... for another version; packaging/README.md)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +28,18 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 venv: $(BIN)/python
 install: $(VENV)/.installed
 
+# The wheels the Debian packages bundle (packaging/requirements.txt), fetched
+# once with the machine's pip configuration; `make deb` then builds offline.
+WHEELHOUSE := packaging/wheelhouse
+$(WHEELHOUSE)/.complete: packaging/requirements.txt $(VENV)/.installed
+	$(BIN)/pip wheel -q --disable-pip-version-check -r packaging/requirements.txt -w $(WHEELHOUSE)
+	touch $@
+wheelhouse: $(WHEELHOUSE)/.complete
+
+# Needs the Debian build tools scripts/setup-brokers.sh installs (make brokers).
+deb: install wheelhouse
+	$(if $(DEB_VERSION),DEB_VERSION=$(DEB_VERSION)) bash packaging/build-deb.sh
+
 # The main job: everything in one process on the in-process bus, with a sample project.
 demo: install
 	$(BIN)/deploybus up --port $(PORT) --data $(DATA)
@@ -34,7 +48,7 @@ brokers:
 	bash scripts/setup-brokers.sh
 
 # The test command CI runs (.ci/run): system packages and brokers first, then the suite.
-test: brokers install lint typecheck
+test: brokers install wheelhouse lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -52,8 +66,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy deploybus daemons frontend
 
+test-packaging: brokers install wheelhouse
+	$(BIN)/python -m pytest tests/packaging $(PYTEST_ARGS)
+
 bench: brokers install
 	$(BIN)/python bench/fanout.py --hosts 10
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache packaging/dist $(WHEELHOUSE)

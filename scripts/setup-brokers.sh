@@ -15,8 +15,11 @@ set -Eeuo pipefail
 LOG_FILE="${SETUP_BROKERS_LOG:-/var/log/deploybus-setup-brokers.log}"
 # Brokers, plus what the test suite needs from Debian: git, libsystemd-dev and
 # pkg-config (to build systemd-python), chromium (browser tests), haproxy (drain),
-# gdb (stops an agent at the exact rename of `current` in the crash tests).
-PACKAGES=(${SETUP_PACKAGES:-activemq rabbitmq-server git libsystemd-dev pkg-config chromium haproxy gdb subversion})
+# gdb (stops an agent at the exact rename of `current` in the crash tests);
+# the .deb build and its tests (make deb, tests/packaging): dpkg-dev, debhelper,
+# dh-virtualenv, fakeroot, build-essential, python3-venv, chrpath, lintian, and
+# systemd for `systemd-analyze verify` (systemd need not be running).
+PACKAGES=(${SETUP_PACKAGES:-activemq rabbitmq-server git libsystemd-dev pkg-config chromium haproxy gdb subversion puppet-agent puppet-lint dpkg-dev debhelper dh-virtualenv fakeroot build-essential python3-venv chrpath lintian systemd})
 
 RABBIT_CONF_DIR=/etc/rabbitmq
 RABBIT_CONF="$RABBIT_CONF_DIR/rabbitmq.conf"
