@@ -150,6 +150,19 @@ def test_poll_with_the_stored_handle_from_a_new_backend(buildbot: Buildbot,
     second.close()
 
 
+def said(buildbot: Buildbot, buildid: int, text: str, timeout: float) -> bool:
+    """Whether a step log of build ``buildid`` shows ``text`` within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for step in buildbot.api(f"builds/{buildid}/steps")["steps"]:
+            for log in buildbot.api(f"steps/{step['stepid']}/logs")["logs"]:
+                chunks = buildbot.api(f"logs/{log['logid']}/contents")["logchunks"]
+                if any(text in c["content"] for c in chunks):
+                    return True
+        time.sleep(0.2)
+    return False
+
+
 def test_cancelled_in_the_queue_and_stopped_while_running(backend: Backend, buildbot: Buildbot,
                                                          commits: Commits) -> None:
     """A request taken out of the queue is ``cancelled``; a build stopped
@@ -162,6 +175,8 @@ def test_cancelled_in_the_queue_and_stopped_while_running(backend: Backend, buil
     gone, _ = wait(backend, queued)
     assert (gone.state, gone.result, gone.number) == ("cancelled", None, None)
     assert gone.why == f"Buildbot build request {queued['buildrequestid']}"
+    # stop it in its slow step (not while the checkout still runs)
+    assert said(buildbot, st.handle["buildid"], "ci is slow", 60), buildbot.logs()
     buildbot.control(f"builds/{st.handle['buildid']}", "stop", reason="test")
     stopped, _ = wait(backend, st.handle)
     assert (stopped.state, stopped.result) == ("finished", "ABORTED")
