@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from deploybus.config import OutputConfig
 from deploybus.errors import DeployError
+from deploybus.procgroup import kill_group
 
 #: Seconds between SIGTERM and SIGKILL to a timed-out script's process group.
 KILL_GRACE = 2.0
@@ -261,24 +262,6 @@ def kill_orphan_group(pgid: int, start: int | None) -> bool:
     return True
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-            if sig == signal.SIGTERM:
-                # The shell is gone; make sure nothing it started stays.
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
 def run_script(step: str, script: str, *, cwd: Path, env: dict[str, str], timeout: float,
                progress: Progress, output: OutputConfig | None = None,
                runas: RunAs | None = None, on_start: OnStart | None = None,
@@ -312,7 +295,7 @@ def run_script(step: str, script: str, *, cwd: Path, env: dict[str, str], timeou
             now = time.monotonic()
             if now >= deadline:
                 timed_out = True
-                _kill(proc)
+                kill_group(proc, grace=KILL_GRACE)
                 break
             batcher.wait(min(0.1, deadline - now))
             batcher.flush()
@@ -322,7 +305,7 @@ def run_script(step: str, script: str, *, cwd: Path, env: dict[str, str], timeou
                     progress(step, f"{what} still running ({now - started:.0f}s)", None)
                 next_ping = now + SILENT_PING
     except BaseException:
-        _kill(proc)
+        kill_group(proc, grace=KILL_GRACE)
         raise
     finally:
         reader.join(DRAIN_AFTER_EXIT)

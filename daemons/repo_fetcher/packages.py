@@ -58,6 +58,7 @@ from deploybus.bus import Delivery
 from deploybus.config import PackageWatch
 from deploybus.dispatch import Message
 from deploybus.errors import BusError
+from deploybus.procgroup import kill_group
 from deploybus.redact import text as redact_text
 from deploybus.runner import STOP_GRACE, Context
 
@@ -351,23 +352,9 @@ class PackageUpdates:
         return RunResult(status, code, seconds, redact_text(tail.text(OUTPUT_TAIL)), reason)
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM to the command's process group, then (after KILL_GRACE, or
-        at once if the shell went and left children) SIGKILL."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(KILL_GRACE)
-        except subprocess.TimeoutExpired:
+        """The command's process group: SIGTERM, then SIGKILL (after
+        KILL_GRACE, or at once if the shell went and left children)."""
+        if not kill_group(proc, grace=KILL_GRACE, reap=KILL_GRACE):
             self.log.error("package command did not die of SIGKILL", pid=proc.pid)
 
     def _report(self, batch: list[Update], omitted: int, r: RunResult) -> None:
