@@ -158,11 +158,7 @@ class Queue:
         """Pending rows whose time has come, oldest first, none of a lane in
         ``exclude_lanes``."""
         t = time.time() if now is None else now
-        lanes = list(exclude_lanes)
-        skip = ""
-        if lanes:
-            skip = (" AND (kind || ':' || address) NOT IN ("
-                    + ", ".join("?" for _ in lanes) + ")")
+        skip, lanes = _lanes_not_in(exclude_lanes)
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM notifications WHERE state = ? AND next_at <= ?" + skip
@@ -171,11 +167,7 @@ class Queue:
 
     def next_at(self, *, exclude_lanes: Iterable[str] = ()) -> float | None:
         """When the next pending row of a lane not in ``exclude_lanes`` is due."""
-        lanes = list(exclude_lanes)
-        skip = ""
-        if lanes:
-            skip = (" AND (kind || ':' || address) NOT IN ("
-                    + ", ".join("?" for _ in lanes) + ")")
+        skip, lanes = _lanes_not_in(exclude_lanes)
         with self._lock:
             got = self._db.execute("SELECT MIN(next_at) FROM notifications WHERE state = ?"
                                    + skip, (PENDING, *lanes)).fetchone()[0]
@@ -219,3 +211,13 @@ def _row(r: sqlite3.Row) -> Row:
                secret=Path(r["secret"]) if r["secret"] else None, facts=json.loads(r["facts"]),
                state=r["state"], attempts=r["attempts"], created_at=r["created_at"],
                next_at=r["next_at"], sent_at=r["sent_at"], last_error=r["last_error"])
+
+
+def _lanes_not_in(lanes: Iterable[str]) -> tuple[str, list[str]]:
+    """The SQL condition (and its parameters) that leaves out the rows of
+    ``lanes`` (``kind:address``); empty when there are none."""
+    listed = list(lanes)
+    if not listed:
+        return "", listed
+    return (" AND (kind || ':' || address) NOT IN (" + ", ".join("?" for _ in listed) + ")",
+            listed)
