@@ -32,11 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib.common import percentile, rabbit_vhost  # noqa: E402
 
 from deploybus import envelope, topics  # noqa: E402
 from deploybus.bus import connect  # noqa: E402
@@ -46,27 +48,13 @@ from tests.e2e.cluster import Cluster, git  # noqa: E402
 HOSTS = ["h1", "h2", "h3"]
 
 
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-
-
-def vhost() -> str:
-    name = f"deploybus-bench-{uuid.uuid4().hex[:8]}"
-    for cmd in (["rabbitmqctl", "-q", "add_vhost", name],
-                ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*",
-                 ".*"]):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-    return name
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pushes", type=int, default=50)
     ap.add_argument("--poll", type=float, default=0.05,
                     help="seconds between the bridge's polls of Jenkins")
     args = ap.parse_args()
-    vh = vhost()
+    vh = rabbit_vhost()
     url = f"amqp://guest:guest@127.0.0.1:5672/{vh}?prefix=b."
     fake = FakeJenkins()
     fake.add_job("app-build", {"COMMIT": ""})
@@ -150,9 +138,9 @@ def main() -> int:
     print(f"{args.pushes} pushes, RabbitMQ AMQP, bridge poll {args.poll}s")
     for name, values in rows:
         print(f"  {name:30} median {statistics.median(values):7.1f} ms   "
-              f"p99 {p99(values):7.1f} ms   max {max(values):7.1f} ms")
+              f"p99 {percentile(values, 99):7.1f} ms   max {max(values):7.1f} ms")
     print(json.dumps({name: {"median_ms": round(statistics.median(v), 1),
-                             "p99_ms": round(p99(v), 1)} for name, v in rows}))
+                             "p99_ms": round(percentile(v, 99), 1)} for name, v in rows}))
     return 0
 
 

@@ -37,7 +37,13 @@ sys.path.insert(0, str(BENCH.parent))
 
 from benchlib.baselines import Floor  # noqa: E402 - the shared bench set-up
 from benchlib.cluster import Deploybus  # noqa: E402
-from benchlib.common import DEFAULT_BROKER, ENVIRONMENT, PROJECT, BenchError  # noqa: E402
+from benchlib.common import (  # noqa: E402
+    DEFAULT_BROKER,
+    ENVIRONMENT,
+    PROJECT,
+    BenchError,
+    percentile,
+)
 from benchlib.config import ORCHESTRATOR, key_file  # noqa: E402
 from benchlib.source import Source, make_cached_repo  # noqa: E402
 
@@ -45,13 +51,6 @@ from deploybus import config as configmod  # noqa: E402
 from deploybus import envelope, gitutil, topics  # noqa: E402
 from deploybus.bus import Delivery, connect  # noqa: E402
 from deploybus.signing import SigningKey  # noqa: E402
-
-
-def percentile(xs: list[float], p: float) -> float:
-    """The ``p``-th percentile of ``xs`` (nearest rank)."""
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
-    return xs[k]
 
 
 def main() -> int:

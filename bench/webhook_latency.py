@@ -41,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib.common import percentile, rabbit_vhost  # noqa: E402
 
 from deploybus.signing import SigningKey  # noqa: E402
 
@@ -102,11 +105,6 @@ def run(port: int, n: int) -> list[float]:
     return times
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
-
-
 def listener(base: Path, bus_url: str, port: int) -> subprocess.Popen:
     base.mkdir(parents=True)
     SigningKey.generate("git").save(base)
@@ -132,15 +130,6 @@ projects:
     return proc
 
 
-def vhost() -> str:
-    name = f"deploybus-bench-{uuid.uuid4().hex[:8]}"
-    for cmd in (["rabbitmqctl", "-q", "add_vhost", name],
-                ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*",
-                 ".*"]):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-    return name
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
@@ -157,7 +146,7 @@ def main() -> int:
         floor.terminate()
         floor.wait()
 
-    vh = vhost()
+    vh = rabbit_vhost()
     try:
         for name, url in (("broker up", f"amqp://guest:guest@127.0.0.1:5672/{vh}"),
                           ("broker down", "amqp://guest:guest@127.0.0.1:1//")):
@@ -171,13 +160,13 @@ def main() -> int:
     finally:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vh], capture_output=True)
 
-    f50, f99 = statistics.median(results["floor"]), pct(results["floor"], 0.99)
+    f50, f99 = statistics.median(results["floor"]), percentile(results["floor"], 99)
     print(f"{args.requests} signed GitHub pushes, one connection each, loopback")
     print(f"  {'':12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/floor':>10} "
           f"{'p99/floor':>10}")
     out = {}
     for name, v in results.items():
-        p50, p99 = statistics.median(v), pct(v, 0.99)
+        p50, p99 = statistics.median(v), percentile(v, 99)
         print(f"  {name:12} {p50:8.2f} {p99:8.2f} {max(v):8.2f} {p50 / f50:10.2f} "
               f"{p99 / f99:10.2f}")
         out[name] = {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}

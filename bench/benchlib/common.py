@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 #: bench/, where the benches and their venvs live.
@@ -67,3 +68,20 @@ def revision() -> str:
         return head + ("+dirty" if dirty else "")
     except (BenchError, OSError):
         return "unknown"
+
+
+def percentile(xs: list[float], p: float) -> float:
+    """The ``p``-th percentile of ``xs`` (nearest rank)."""
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def rabbit_vhost() -> str:
+    """A new RabbitMQ vhost for one bench, guest allowed everything in it."""
+    name = f"deploybus-bench-{uuid.uuid4().hex[:8]}"
+    for cmd in (["rabbitmqctl", "-q", "add_vhost", name],
+                ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*",
+                 ".*"]):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    return name
