@@ -121,22 +121,12 @@ class deploybus::server (
 ) {
   include deploybus
 
-  # a .deb file: dpkg, unless told otherwise (apt would also fetch its dependencies)
-  $provider = $package_provider ? {
-    undef   => $package_source ? {
-      undef   => undef,
-      default => 'dpkg',
-    },
-    default => $package_provider,
-  }
   if $manage_package {
-    package { $package_name:
+    deploybus::package { $package_name:
       ensure   => $package_ensure,
       source   => $package_source,
-      provider => $provider,
+      provider => $package_provider,
     }
-    # the package makes the deploybus group the files below belong to
-    Package[$package_name] -> Class['deploybus']
   }
 
   $private_keys.each |$name, $key| {
