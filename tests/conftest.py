@@ -52,6 +52,13 @@ BROKERS = ["memory", "rabbitmq-amqp", "rabbitmq-stomp", "activemq-stomp"]
 REAL_BROKERS = BROKERS[1:]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _listening(addr: tuple[str, int]) -> bool:
     try:
         with socket.create_connection(addr, timeout=2):

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import pytest
 
 from deploybus import envelope
 from tests.agent.harness import process_gone, wait_until
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.unit
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def release_dirs(h) -> list[str]:  # noqa: ANN001

@@ -5,7 +5,6 @@ from inside a page."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,12 +21,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 #: A phone: the width the pages must fit without scrolling sideways.
 PHONE = {"width": 375, "height": 740}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(args: list[str], port: int) -> Iterator[str]:

@@ -22,7 +22,8 @@ from playwright.sync_api import expect
 
 from deploybus.cli import allinone
 from deploybus.signing import SigningKey
-from tests.browser.harness import PHONE, api_post, fits_the_width, free_port, screenshot, serve
+from tests.browser.harness import PHONE, api_post, fits_the_width, screenshot, serve
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.harness import PHONE, api_post, fits_the_width, free_port, screenshot, serve
+from tests.browser.harness import PHONE, api_post, fits_the_width, screenshot, serve
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -51,7 +51,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,6 +58,8 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import free_port
 
 __all__ = ["Buildbot", "BuildbotError", "GIT_ENV", "commit", "free_port", "git", "make_repo"]
 
@@ -165,13 +166,6 @@ Worker("127.0.0.1", P["pb_port"], P["worker"], P["worker_password"], basedir,
 
 class BuildbotError(RuntimeError):
     """The master or the worker did not start (the message has their logs' tails)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def git(*args: str, cwd: Path) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import broker_url
+from tests.conftest import broker_url, free_port
 from tests.e2e.cluster import GIT_ENV, Daemon, git
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
@@ -40,12 +39,6 @@ def section() -> str:
 
 def blocks(text: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_server_section_works_as_written(request: pytest.FixtureRequest,

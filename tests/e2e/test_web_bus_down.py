@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ from pathlib import Path
 import pytest
 
 from deploybus.signing import SigningKey
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(opener: urllib.request.OpenerDirector, url: str, body: dict | None = None,

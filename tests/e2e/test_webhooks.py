@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import socket
 import subprocess
 import urllib.request
 import uuid
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import broker_url
+from tests.conftest import broker_url, free_port
 from tests.e2e.cluster import Cluster, git, wait_for
 
 pytestmark = [pytest.mark.broker]
@@ -26,12 +25,6 @@ pytestmark = [pytest.mark.broker]
 HOSTS = ["h1", "h2"]
 SECRET = b"webhook secret"
 PAYLOADS = Path(__file__).parents[1] / "listener" / "payloads"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mirror_has(c: Cluster, host: str, commit: str) -> bool:

@@ -14,7 +14,6 @@ import hmac
 import json
 import queue
 import signal
-import socket
 import time
 import urllib.request
 import uuid
@@ -25,7 +24,7 @@ import pytest
 from deploybus import envelope, topics
 from deploybus.bus import Delivery, connect
 from deploybus.outbox import Outbox
-from tests.conftest import broker_url
+from tests.conftest import broker_url, free_port
 from tests.e2e.cluster import Cluster, git
 from tests.faults.test_broker_kill import kill_broker, restart_brokers
 
@@ -34,12 +33,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 SECRET = b"webhook secret"
 PAYLOADS = Path(__file__).parents[1] / "listener" / "payloads"
 WEBHOOKS, PUSHES = 100, 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def webhook(url: str, i: int) -> None:

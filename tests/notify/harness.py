@@ -9,7 +9,6 @@ import email.policy
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,11 +20,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> bool:

@@ -17,8 +17,9 @@ from deploybus.daemons.notifier.queue import Queue
 from deploybus.daemons.notifier.service import Notifier, Retry
 from deploybus.protocol import RolloutState
 from deploybus.runner import Context, Stats
+from tests.conftest import free_port
 from tests.notify.conftest import SECRET, Site
-from tests.notify.harness import free_port, wait_for
+from tests.notify.harness import wait_for
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,6 @@ going through HAProxy during the rollout never see an error."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from deploybus.haproxy import HAProxy
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.e2e.cluster import GIT_ENV, Daemon, git
 from tests.packaging import debs
 from tests.packaging.units import Unit, UnitProcess
@@ -198,12 +199,6 @@ def test_units_pass_systemd_analyze_verify_installed_and_purged(
     assert "no /etc/deploybus/deploybus.yaml yet" in r.stdout + r.stderr
     run("dpkg", "--purge", "deploybus-server", "deploybus-agent")
     assert_same(before, snapshot())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_server_package_runs_orchestrator_and_web_as_their_units_say(
