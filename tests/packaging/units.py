@@ -39,7 +39,7 @@ class Unit:
     def load(cls, path: Path) -> Unit:
         unit = cls(path)
         section = None
-        for raw in path.read_text().splitlines():
+        for raw in path.read_text().replace("\\\n", " ").splitlines():
             line = raw.strip()
             if not line or line.startswith(("#", ";")):
                 continue
@@ -57,11 +57,11 @@ class Unit:
     def all(self, key: str, section: str = "[Service]") -> list[str]:
         return self.settings.get(f"{section}{key}", [])
 
-    @staticmethod
-    def specifiers(text: str) -> str:
-        """The specifiers our units use: %H (host name) and %%."""
-        return re.sub(r"%[H%]", lambda m: {"%H": socket.gethostname(), "%%": "%"}[m.group()],
-                      text)
+    def specifiers(self, text: str) -> str:
+        """%H (host name), %n and %N (the unit's name, with and without
+        ``.service``) and %%; others are left as they are."""
+        table = {"H": socket.gethostname(), "n": self.path.name, "N": self.path.stem, "%": "%"}
+        return re.sub(r"%(.)", lambda m: table.get(m.group(1), m.group(0)), text)
 
     def environment(self) -> dict[str, str]:
         """Environment= then EnvironmentFile= (which overrides it), as systemd does."""
@@ -82,13 +82,36 @@ class Unit:
                 if not line or line.startswith(("#", ";")) or "=" not in line:
                     continue
                 k, _, v = line.partition("=")
-                env[k.strip()] = v.strip().strip('"').strip("'")
+                v = v.strip()
+                env[k.strip()] = " ".join(shlex.split(v)) if v[:1] in ("'", '"') else v
+        return env
+
+    def make_directories(self, uid: int, gid: int) -> dict[str, str]:
+        """Make the unit's StateDirectory, LogsDirectory and
+        ConfigurationDirectory (with their modes; the first two owned by
+        ``uid``:``gid``) as systemd does before it starts the unit; the
+        variables that name them (STATE_DIRECTORY, ...)."""
+        env: dict[str, str] = {}
+        for kind, base in (("StateDirectory", "/var/lib"), ("LogsDirectory", "/var/log"),
+                           ("ConfigurationDirectory", "/etc")):
+            value = self.get(kind)
+            if not value:
+                continue
+            mode = int(self.get(f"{kind}Mode") or "0755", 8)
+            paths = [Path(base) / v for v in value.split()]
+            for path in paths:
+                path.mkdir(parents=True, exist_ok=True)
+                path.chmod(mode)
+                if kind != "ConfigurationDirectory":
+                    os.chown(path, uid, gid)
+            env[kind.upper().replace("DIRECTORY", "_DIRECTORY")] = ":".join(map(str, paths))
         return env
 
     def argv(self, env: dict[str, str]) -> list[str]:
         """ExecStart split into words: ${VAR} replaced in place, a bare $VAR
         word split at whitespace into zero or more words (systemd.service(5))."""
-        command = self.specifiers(self.get("ExecStart") or "")
+        # (the prefixes @ - : + ! change how systemd runs it, not what)
+        command = self.specifiers((self.get("ExecStart") or "").lstrip("@-:+!"))
         words: list[str] = []
         for word in shlex.split(command):
             bare = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
@@ -160,19 +183,7 @@ class UnitProcess:
         gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
         env.update({"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
                     "SHELL": pw.pw_shell})
-        for kind, base in (("StateDirectory", "/var/lib"), ("LogsDirectory", "/var/log"),
-                           ("ConfigurationDirectory", "/etc")):
-            value = self.unit.get(kind)
-            if not value:
-                continue
-            mode = int(self.unit.get(f"{kind}Mode") or "0755", 8)
-            paths = [Path(base) / v for v in value.split()]
-            for path in paths:
-                path.mkdir(parents=True, exist_ok=True)
-                path.chmod(mode)
-                if kind != "ConfigurationDirectory":
-                    os.chown(path, pw.pw_uid, gid)
-            env[kind.upper().replace("DIRECTORY", "_DIRECTORY")] = ":".join(map(str, paths))
+        env.update(self.unit.make_directories(pw.pw_uid, gid))
         env.update(self.unit.environment())
         env.update({"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": str(watchdog_usec),
                     "INVOCATION_ID": os.urandom(16).hex()})

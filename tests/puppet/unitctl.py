@@ -17,8 +17,9 @@ and does what systemd would with the parts that decide what runs and as whom:
   ``LOGS_DIRECTORY``);
 - ``User=``, ``Group=`` (default: the user's primary group, supplementary
   groups from /etc/group), ``UMask=``, ``WorkingDirectory=``;
-- ``StateDirectory=``/``LogsDirectory=`` (and their modes): made under
-  /var/lib and /var/log, owned by ``User=``;
+- ``StateDirectory=``/``LogsDirectory=``/``ConfigurationDirectory=`` (and
+  their modes): made under /var/lib, /var/log and /etc, the first two owned
+  by ``User=``;
 - ``TimeoutStartSec=``: ``start`` waits for the daemon's ``ready`` log line
   (what its ``READY=1`` means; no ``NOTIFY_SOCKET`` is given, so it sends no
   sd_notify at all) and fails if it exits first or takes longer;
@@ -39,14 +40,17 @@ import argparse
 import grp
 import os
 import pwd
-import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# The unit file is read by the packaging tests' reader (standard library
+# only, like this script); Puppet runs this file directly, not as a module.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.packaging.units import Unit  # noqa: E402
 
 UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"),
              Path("/usr/lib/systemd/system"))
@@ -58,86 +62,14 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def read_unit(unit: str) -> dict[str, list[str]]:
-    """The unit's settings: key -> every value given (in order), all sections."""
+def read_unit(unit: str) -> Unit:
+    """The installed unit file, where systemd would look for it."""
     for d in UNIT_DIRS:
         path = d / f"{unit}.service"
         if path.is_file():
-            break
-    else:
-        fail(f"{unit}.service not found in {', '.join(map(str, UNIT_DIRS))}")
-    settings: dict[str, list[str]] = {}
-    text = path.read_text().replace("\\\n", " ")
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line[0] in "#;[" or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
-
-
-def specifiers(text: str, unit: str) -> str:
-    table = {"H": socket.gethostname(), "n": f"{unit}.service", "N": unit, "%": "%"}
-    return re.sub(r"%(.)", lambda m: table.get(m.group(1), m.group(0)), text)
-
-
-def environment_file_value(raw: str) -> str:
-    raw = raw.strip()
-    if raw[:1] in ("'", '"'):
-        return " ".join(shlex.split(raw))
-    return raw
-
-
-def unit_environment(unit: str, s: dict[str, list[str]]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for value in s.get("Environment", []):
-        for assignment in shlex.split(specifiers(value, unit)):
-            k, _, v = assignment.partition("=")
-            env[k] = v
-    for value in s.get("EnvironmentFile", []):
-        optional = value.startswith("-")
-        path = Path(specifiers(value.lstrip("-"), unit))
-        if not path.is_file():
-            if optional:
-                continue
-            fail(f"{unit}: EnvironmentFile {path} missing")
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line or line[0] in "#;" or "=" not in line:
-                continue
-            k, _, v = line.partition("=")
-            env[k.strip()] = environment_file_value(v)
-    return env
-
-
-def exec_start(unit: str, s: dict[str, list[str]], env: dict[str, str]) -> list[str]:
-    (line,) = s["ExecStart"]
-    argv: list[str] = []
-    for word in shlex.split(specifiers(line.lstrip("@-:+!"), unit)):
-        whole = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
-        if whole:   # $VAR: split on whitespace, as systemd does
-            argv.extend(env.get(whole.group(1), "").split())
-            continue
-        argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
-                           lambda m: env.get(m.group(1), ""), word))
-    return argv
-
-
-def make_dirs(s: dict[str, list[str]], key: str, base: Path, uid: int, gid: int,
-              env: dict[str, str], var: str) -> None:
-    mode = int((s.get(f"{key}Mode") or ["0755"])[-1], 8)
-    made = []
-    for value in s.get(key, []):
-        for rel in value.split():
-            d = base / rel
-            d.mkdir(parents=True, exist_ok=True)
-            d.chmod(mode)
-            if uid != 0:
-                os.chown(d, uid, gid)
-            made.append(str(d))
-    if made:
-        env[var] = ":".join(made)
+            return Unit.load(path)
+    fail(f"{unit}.service not found in {', '.join(map(str, UNIT_DIRS))}")
+    raise AssertionError("unreachable")
 
 
 def paths(run_dir: Path, unit: str) -> tuple[Path, Path]:
@@ -158,24 +90,27 @@ def running_pid(run_dir: Path, unit: str) -> int | None:
 def start(run_dir: Path, unit: str) -> None:
     if running_pid(run_dir, unit):
         return
-    s = read_unit(unit)
-    for cond in s.get("ConditionPathExists", []):
+    u = read_unit(unit)
+    for cond in u.all("ConditionPathExists", section="[Unit]"):
         negate = cond.startswith("!")
         if Path(cond.lstrip("!")).exists() == negate:
             print(f"unitctl: {unit}: condition ConditionPathExists={cond} not met; not started")
             return
-    user = (s.get("User") or ["root"])[-1]
+    user = u.get("User") or "root"
     pw = pwd.getpwnam(user)
-    gid = grp.getgrnam(s["Group"][-1]).gr_gid if "Group" in s else pw.pw_gid
+    group = u.get("Group")
+    gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
     env = {"PATH": PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": pw.pw_dir,
            "USER": user, "LOGNAME": user, "SHELL": pw.pw_shell}
-    env.update(unit_environment(unit, s))
-    make_dirs(s, "StateDirectory", Path("/var/lib"), pw.pw_uid, gid, env, "STATE_DIRECTORY")
-    make_dirs(s, "LogsDirectory", Path("/var/log"), pw.pw_uid, gid, env, "LOGS_DIRECTORY")
-    argv = exec_start(unit, s, env)
+    try:
+        env.update(u.environment())
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    env.update(u.make_directories(pw.pw_uid, gid))
+    argv = u.argv(env)
     cwd = None
-    if "WorkingDirectory" in s:
-        wd = s["WorkingDirectory"][-1].lstrip("-")
+    wd = (u.get("WorkingDirectory") or "").lstrip("-")
+    if wd:
         cwd = pw.pw_dir if wd == "~" else wd
     pidfile, logfile = paths(run_dir, unit)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,9 +123,9 @@ def start(run_dir: Path, unit: str) -> None:
         argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         user=pw.pw_uid, group=gid,
         extra_groups=os.getgrouplist(user, gid) if pw.pw_uid != 0 else None,
-        umask=int((s.get("UMask") or ["0022"])[-1], 8), start_new_session=True)
+        umask=int(u.get("UMask") or "0022", 8), start_new_session=True)
     pidfile.write_text(f"{proc.pid}\n")
-    timeout = float((s.get("TimeoutStartSec") or ["90"])[-1].rstrip("s"))
+    timeout = float((u.get("TimeoutStartSec") or "90").rstrip("s"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with logfile.open("rb") as f:
@@ -208,8 +143,7 @@ def stop(run_dir: Path, unit: str) -> None:
     pid = running_pid(run_dir, unit)
     if pid is None:
         return
-    s = read_unit(unit)
-    timeout = float((s.get("TimeoutStopSec") or ["90"])[-1].rstrip("s"))
+    timeout = float((read_unit(unit).get("TimeoutStopSec") or "90").rstrip("s"))
     os.kill(pid, signal.SIGTERM)   # KillMode=mixed: the main process first
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and running_pid(run_dir, unit):
